@@ -1,0 +1,9 @@
+"""fedloom: federated learning for research simulation and real deployment."""
+
+__version__ = "0.1.0"
+
+from .api import RunResult, datasets, report, resume, run, runs, show  # noqa: E402
+from .config import ExperimentConfig, load_config  # noqa: E402
+
+__all__ = ["ExperimentConfig", "RunResult", "datasets", "load_config", "report", "resume", "run", "runs", "show",
+           "__version__"]

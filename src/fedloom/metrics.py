@@ -1,0 +1,42 @@
+"""Classification metrics and summaries over clients, in plain tensor code."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+def confusion(y_true: torch.Tensor, y_pred: torch.Tensor, num_classes: int) -> torch.Tensor:
+    return torch.bincount(y_true * num_classes + y_pred, minlength=num_classes * num_classes).reshape(
+        num_classes, num_classes
+    )
+
+
+def macro_f1(y_true: torch.Tensor, y_pred: torch.Tensor, num_classes: int) -> float:
+    """Unweighted mean F1 over the classes present in y_true or y_pred (scikit-learn's 'macro')."""
+    if y_true.numel() == 0:
+        return float("nan")
+    cm = confusion(y_true, y_pred, num_classes).to(torch.float64)
+    tp = cm.diag()
+    support, predicted = cm.sum(1), cm.sum(0)
+    present = (support + predicted) > 0
+    denom = support + predicted
+    f1 = torch.where(denom > 0, 2 * tp / denom.clamp(min=1), torch.zeros_like(tp))
+    return float(f1[present].mean())
+
+
+def spread(values: list[float] | np.ndarray, weights: list[float] | np.ndarray | None = None) -> dict[str, float]:
+    """Weighted mean plus min / p10 / median / max of a per-client metric (NaNs ignored)."""
+    v = np.asarray(values, dtype=np.float64)
+    w = np.ones_like(v) if weights is None else np.asarray(weights, dtype=np.float64)
+    ok = np.isfinite(v) & (w > 0)
+    if not ok.any():
+        return {}
+    v, w = v[ok], w[ok]
+    return {
+        "mean": float(np.average(v, weights=w)),
+        "min": float(v.min()),
+        "p10": float(np.percentile(v, 10)),
+        "median": float(np.median(v)),
+        "max": float(v.max()),
+    }

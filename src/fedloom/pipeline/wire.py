@@ -1,0 +1,63 @@
+"""The wire format: what a client sends and what the server broadcasts, as bytes.
+
+    b"FLW1" | u32 little-endian header length | header (UTF-8 JSON) | payload (codec-encoded vector)
+
+The header carries the codec, the ParamSpec hash (a client with another model is refused), the round,
+the client id, the number of examples and the client's metrics. Simulation passes these same bytes, so
+`len(message)` is the communication cost, measured rather than estimated.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .codecs import get_codec
+
+MAGIC = b"FLW1"
+_LEN = struct.Struct("<I")
+
+
+@dataclass
+class Message:
+    kind: str  # "broadcast" (server -> client) or "update" (client -> server)
+    round: int
+    client_id: int
+    spec_hash: str
+    vector: torch.Tensor
+    num_examples: int = 0
+    metrics: dict[str, Any] = field(default_factory=dict)
+    codec: str = "f32"
+
+
+def encode(msg: Message) -> bytes:
+    payload = get_codec(msg.codec).encode(msg.vector)
+    header = json.dumps(
+        {
+            "kind": msg.kind, "codec": msg.codec, "spec": msg.spec_hash, "round": msg.round,
+            "client": msg.client_id, "num_examples": msg.num_examples, "metrics": msg.metrics,
+            "size": int(msg.vector.numel()), "payload_bytes": len(payload),
+        },
+        separators=(",", ":"),
+    ).encode()
+    return MAGIC + _LEN.pack(len(header)) + header + payload
+
+
+def decode(data: bytes, expect_spec: str | None = None) -> Message:
+    if len(data) < 8 or data[:4] != MAGIC:
+        raise ValueError("not a fedloom message (bad magic bytes)")
+    (hlen,) = _LEN.unpack_from(data, 4)
+    if 8 + hlen > len(data):
+        raise ValueError(f"truncated message: header says {hlen} bytes, {len(data) - 8} present")
+    h = json.loads(data[8 : 8 + hlen])
+    payload = data[8 + hlen :]
+    if len(payload) != h["payload_bytes"]:
+        raise ValueError(f"truncated message: payload has {len(payload)} of {h['payload_bytes']} bytes")
+    if expect_spec is not None and h["spec"] != expect_spec:
+        raise ValueError(f"model mismatch: message is for parameter spec {h['spec']}, expected {expect_spec}")
+    vec = get_codec(h["codec"]).decode(payload, h["size"])
+    return Message(h["kind"], h["round"], h["client"], h["spec"], vec, h["num_examples"], h["metrics"], h["codec"])

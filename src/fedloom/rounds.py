@@ -1,0 +1,219 @@
+"""The round logic, written once: selection -> broadcast -> client work -> aggregation -> evaluation.
+
+`Federation` owns the global state (flat parameter vector + server optimizer state) and records each
+round in the run store in one transaction, after its checkpoint is on disk; so a run killed at any
+moment resumes from its last recorded round and, because every random draw is derived from
+(seed, round, client), finishes with the same model as a run that was never interrupted.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .algorithms import build_algorithm
+from .client.trainer import round_lr
+from .client.work import ClientRuntime, ClientTask
+from .config import ExperimentConfig
+from .data.federated import FederatedData
+from .engines import ClientFailure, Engine
+from .errors import ClientError
+from .evaluation import Predictions, predict
+from .metrics import spread
+from .params import ParamSpec, load_tensors, load_vector, model_vector, save_tensors
+from .pipeline import wire
+from .rng import numpy_rng
+from .store import RunStore
+
+Callback = Callable[[dict[str, Any]], None]
+
+
+@dataclass
+class RoundOutcome:
+    round: int
+    row: dict[str, Any]
+    stop: str | None = None  # why the run must stop now (divergence), in plain words
+    updated: bool = True  # False when the round's updates were refused (non-finite)
+    failed_clients: list[int] = field(default_factory=list)
+
+
+class Federation:
+    def __init__(self, cfg: ExperimentConfig, data: FederatedData, model_factory: Callable[[], torch.nn.Module],
+                 engine: Engine, store: RunStore, run_id: str, out_dir: Path):
+        self.cfg, self.data, self.engine = cfg, data, engine
+        self.store, self.run_id, self.out_dir = store, run_id, out_dir
+        self.model = model_factory()  # seeded: this is the initial global model
+        self.runtime = ClientRuntime(model_factory, data, cfg.train)
+        self.spec: ParamSpec = self.runtime.spec
+        self.algorithm = build_algorithm(cfg.server)
+        self.params = model_vector(self.model, self.spec)
+        self.opt_state = self.algorithm.server_optimizer.init(self.params)
+        self.train_losses: list[float] = []
+
+    # ---- checkpoints ------------------------------------------------------------------------------
+    def save_checkpoint(self, round_: int) -> Path:
+        path = self.out_dir / "checkpoints" / f"round-{round_:05d}.safetensors"
+        tensors = {f"model/{k}": v for k, v in self.spec.unflatten(self.params).items()}
+        tensors.update({f"server/{k}": v for k, v in self.opt_state.items()})
+        save_tensors(path, tensors, {"round": round_, "spec": self.spec.hash(), "run_id": self.run_id})
+        return path
+
+    def prune_checkpoints(self) -> None:
+        ckpts = sorted((self.out_dir / "checkpoints").glob("round-*.safetensors"))
+        for old in ckpts[: -self.cfg.run.keep_checkpoints]:
+            old.unlink(missing_ok=True)
+
+    def load_checkpoint(self, path: str | Path) -> None:
+        tensors = load_tensors(path)
+        model = {k[len("model/"):]: v for k, v in tensors.items() if k.startswith("model/")}
+        self.params = self.spec.flatten(model)
+        self.opt_state = {k[len("server/"):]: v for k, v in tensors.items() if k.startswith("server/")}
+        self.train_losses = [r["train_loss"] for r in self.store.rounds(self.run_id)
+                             if r["train_loss"] is not None]
+
+    # ---- the loop ---------------------------------------------------------------------------------
+    def train(self, start_round: int, wall_before: float = 0.0, callback: Callback | None = None
+              ) -> tuple[str, str | None]:
+        """Rounds `start_round..cfg.run.rounds`; returns the final status and, if stopped early, why."""
+        t_start = time.perf_counter()
+        total = self.cfg.run.rounds
+        for r in range(start_round, total + 1):
+            out = self.run_round(r)
+            row = out.row
+            if out.updated and (r % self.cfg.run.checkpoint_every == 0 or r == total or out.stop):
+                row["checkpoint"] = str(self.save_checkpoint(r))
+            wall = wall_before + time.perf_counter() - t_start
+            self.store.record_round(self.run_id, r, row, row.pop("clients"), wall)
+            self.prune_checkpoints()
+            if callback:
+                callback({"round": r, "rounds": total, **row})
+            if out.stop:
+                return "diverged", out.stop
+        return "completed", None
+
+    # ---- one round --------------------------------------------------------------------------------
+    def select(self, round_: int) -> list[int]:
+        k = self.cfg.clients_per_round()
+        n = self.data.num_clients
+        if k >= n:
+            return list(range(n))
+        return sorted(int(c) for c in numpy_rng(self.cfg.run.seed, "select", round_).choice(n, k, replace=False))
+
+    def run_round(self, round_: int) -> RoundOutcome:
+        cfg = self.cfg
+        t0 = time.perf_counter()
+        selected = self.select(round_)
+        broadcast = wire.encode(wire.Message("broadcast", round_, -1, self.spec.hash(), self.params))
+        lr = round_lr(cfg.train, round_, cfg.run.rounds)
+        tasks = [ClientTask(round_, c, lr, cfg.run.seed, broadcast) for c in selected]
+        results = self.engine.fit(self.runtime, tasks)
+        t_train = time.perf_counter() - t0
+
+        messages, failed = [], []
+        for res in results:
+            if isinstance(res, ClientFailure):
+                if cfg.run.on_client_error == "fail":
+                    raise ClientError(round_, res.client_id, res.traceback)
+                failed.append(res.client_id)
+                continue
+            messages.append((len(res), wire.decode(res, expect_spec=self.spec.hash())))
+        bytes_down = len(broadcast) * len(tasks)
+        bytes_up = sum(n for n, _ in messages)
+        messages = [(n, m) for n, m in messages if m.num_examples > 0]
+        if not messages:
+            raise ClientError(round_, -1, "no client returned an update with at least one example")
+
+        t1 = time.perf_counter()
+        updates = torch.stack([m.vector for _, m in messages])
+        num_examples = [m.num_examples for _, m in messages]
+        agg = self.algorithm.aggregate(updates, num_examples)
+        client_rows, stats = self._update_stats(messages, updates, agg)
+        train_loss = float(np.average([m.metrics["loss"] for _, m in messages], weights=num_examples))
+        stop = self._non_finite(round_, messages, agg, train_loss)
+        updated = stop is None
+        if updated:
+            self.params, self.opt_state = self.algorithm.server_optimizer.step(self.params, agg, self.opt_state)
+        t_agg = time.perf_counter() - t1
+
+        row: dict[str, Any] = {
+            "num_clients": len(messages), "bytes_up": bytes_up, "bytes_down": bytes_down,
+            "train_loss": train_loss,
+            "metrics": {"lr": lr, **stats, "train_seconds": t_train, "aggregate_seconds": t_agg,
+                        "dropped_clients": failed},
+        }
+        if updated:
+            self.train_losses.append(train_loss)
+            stop = self._rising_loss(round_)
+            if round_ % cfg.eval.every == 0 or round_ == cfg.run.rounds or stop:
+                t2 = time.perf_counter()
+                client_rows += self._evaluate(row)
+                row["metrics"]["eval_seconds"] = time.perf_counter() - t2
+        row["seconds"] = time.perf_counter() - t0
+        return RoundOutcome(round_, row | {"clients": client_rows}, stop, updated, failed)
+
+    def _update_stats(self, messages, updates: torch.Tensor, agg: torch.Tensor):
+        norms = updates.norm(dim=1)
+        agg_norm = agg.norm()
+        cos = (updates @ agg) / (norms * agg_norm).clamp(min=1e-12)
+        rows = [
+            {"client_id": m.client_id, "kind": "fit", "num_examples": m.num_examples, "loss": m.metrics["loss"],
+             "update_norm": float(norms[i]), "update_mean": float(updates[i].mean()),
+             "update_std": float(updates[i].std()), "cosine": float(cos[i]), "bytes_up": n,
+             "seconds": m.metrics.get("seconds")}
+            for i, (n, m) in enumerate(messages)
+        ]
+        stats = {"update_norm_mean": float(norms.mean()), "update_norm_max": float(norms.max()),
+                 "cosine_mean": float(cos.mean()), "aggregate_norm": float(agg_norm)}
+        return rows, stats
+
+    def _non_finite(self, round_: int, messages, agg: torch.Tensor, train_loss: float) -> str | None:
+        bad = [m.client_id for _, m in messages if not torch.isfinite(m.vector).all()
+               or not math.isfinite(m.metrics["loss"])]
+        if bad or not torch.isfinite(agg).all() or not math.isfinite(train_loss):
+            who = f"clients {bad}" if bad else "the aggregate"
+            return (f"diverged in round {round_}: {who} produced NaN/Inf, so the global model was not updated; "
+                    f"try a lower learning rate (train.lr = {self.cfg.train.lr})")
+        return None
+
+    def _rising_loss(self, round_: int) -> str | None:
+        run = self.cfg.run
+        h = self.train_losses
+        if not run.stop_on_divergence or len(h) <= run.divergence_patience:
+            return None
+        recent = h[-(run.divergence_patience + 1):]
+        rising = all(b > a for a, b in zip(recent, recent[1:], strict=False))
+        if rising and recent[-1] > run.divergence_factor * min(h):
+            return (f"diverging at round {round_}: training loss rose for {run.divergence_patience} rounds in a "
+                    f"row to {recent[-1]:.4g} ({recent[-1] / min(h):.1f}x its best {min(h):.4g}); "
+                    f"try a lower learning rate (train.lr = {self.cfg.train.lr})")
+        return None
+
+    def _evaluate(self, row: dict[str, Any]) -> list[dict[str, Any]]:
+        ds = self.data.dataset
+        load_vector(self.model, self.spec, self.params)
+        preds: Predictions = predict(self.model, ds, ds.x_test, ds.y_test, self.cfg.eval.batch_size)
+        central = preds.summary(ds.num_classes)
+        row.update(test_loss=central["loss"], test_accuracy=central["accuracy"],
+                   test_macro_f1=central["macro_f1"])
+        if not self.cfg.eval.federated:
+            return []
+        rows = []
+        for c in self.data.clients:
+            s = preds.subset(c.test_idx).summary(ds.num_classes)
+            rows.append({"client_id": c.id, "kind": "eval", "num_examples": s["num_examples"],
+                         "loss": s["loss"], "accuracy": s["accuracy"], "macro_f1": s["macro_f1"]})
+        w = [r["num_examples"] for r in rows]
+        m = row["metrics"]
+        acc = spread([r["accuracy"] for r in rows], w)
+        m.update({f"fed_accuracy_{k}": v for k, v in acc.items() if k != "mean"})
+        m["fed_accuracy"] = acc.get("mean")
+        m["fed_loss"] = spread([r["loss"] for r in rows], w).get("mean")
+        m["fed_macro_f1"] = spread([r["macro_f1"] for r in rows], w).get("mean")
+        return rows
