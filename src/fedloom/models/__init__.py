@@ -1,0 +1,5 @@
+"""Models: a registry of small networks from the federated-learning literature (see `zoo`)."""
+
+from .zoo import CNN, MLP, MODELS, LogReg, ModelEntry, ResNetGN, SimpleCNN, build_model
+
+__all__ = ["CNN", "MLP", "MODELS", "LogReg", "ModelEntry", "ResNetGN", "SimpleCNN", "build_model"]

@@ -1,0 +1,172 @@
+"""The model zoo: the small networks federated-learning papers benchmark with, written out layer by layer.
+
+Each model follows its published definition so results can be compared with the papers:
+`mlp` and `cnn` are the 2NN and CNN of McMahan et al. 2017 (FedAvg), `simple-cnn` is NIID-Bench's
+SimpleCNN (Li et al. 2022), `resnet-gn` is a CIFAR ResNet-20 with GroupNorm instead of BatchNorm
+(Hsieh et al. 2020: BatchNorm's running statistics break under non-IID clients; GroupNorm keeps none).
+
+Weights use PyTorch's default initialisation; the caller seeds torch before `build_model`, so the same
+seed gives the same initial model. No model has dropout or other train-time randomness.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from ..errors import ConfigError
+
+
+class LogReg(nn.Module):
+    """Multinomial logistic regression: the convex baseline of FedProx and q-FFL experiments."""
+
+    def __init__(self, in_features: int, num_classes: int):
+        super().__init__()
+        self.fc = nn.Linear(in_features, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x.flatten(1))
+
+
+class MLP(nn.Module):
+    """FedAvg's 2NN: two hidden layers of 200 units (199,210 parameters on MNIST)."""
+
+    def __init__(self, in_features: int, num_classes: int):
+        super().__init__()
+        self.fc1 = nn.Linear(in_features, 200)
+        self.fc2 = nn.Linear(200, 200)
+        self.fc3 = nn.Linear(200, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.fc1(x.flatten(1)))
+        x = F.relu(self.fc2(x))
+        return self.fc3(x)
+
+
+class SimpleCNN(nn.Module):
+    """NIID-Bench's SimpleCNN (LeNet-5 shaped): two 5x5 convolutions, then 120 -> 84 -> classes."""
+
+    def __init__(self, in_channels: int, height: int, width: int, num_classes: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, 6, 5)
+        self.conv2 = nn.Conv2d(6, 16, 5)
+        self.pool = nn.MaxPool2d(2, 2)
+        h, w = ((height - 4) // 2 - 4) // 2, ((width - 4) // 2 - 4) // 2  # 4x4 for 28x28, 5x5 for 32x32
+        self.fc1 = nn.Linear(16 * h * w, 120)
+        self.fc2 = nn.Linear(120, 84)
+        self.fc3 = nn.Linear(84, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.pool(F.relu(self.conv1(x)))
+        x = self.pool(F.relu(self.conv2(x)))
+        x = F.relu(self.fc1(x.flatten(1)))
+        x = F.relu(self.fc2(x))
+        return self.fc3(x)
+
+
+class CNN(nn.Module):
+    """FedAvg's CNN: two 5x5 'same' convolutions (32, 64 channels), each max-pooled, then 512 units."""
+
+    def __init__(self, in_channels: int, height: int, width: int, num_classes: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, 32, 5, padding=2)
+        self.conv2 = nn.Conv2d(32, 64, 5, padding=2)
+        self.pool = nn.MaxPool2d(2, 2)
+        self.fc1 = nn.Linear(64 * (height // 4) * (width // 4), 512)
+        self.fc2 = nn.Linear(512, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.pool(F.relu(self.conv1(x)))
+        x = self.pool(F.relu(self.conv2(x)))
+        x = F.relu(self.fc1(x.flatten(1)))
+        return self.fc2(x)
+
+
+class BasicBlockGN(nn.Module):
+    """ResNet basic block (two 3x3 convolutions) with GroupNorm and a 1x1 projection when shapes change."""
+
+    def __init__(self, in_channels: int, channels: int, stride: int, groups: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, channels, 3, stride=stride, padding=1, bias=False)
+        self.norm1 = nn.GroupNorm(groups, channels)
+        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        self.norm2 = nn.GroupNorm(groups, channels)
+        self.shortcut: nn.Module = nn.Identity()
+        if stride != 1 or in_channels != channels:  # option B of He et al. 2016
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(in_channels, channels, 1, stride=stride, bias=False), nn.GroupNorm(groups, channels)
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.norm1(self.conv1(x)))
+        out = self.norm2(self.conv2(out))
+        return F.relu(out + self.shortcut(x))
+
+
+class ResNetGN(nn.Module):
+    """CIFAR ResNet (depth 6n+2; 20 by default): three stages of n blocks with 16/32/64 channels."""
+
+    def __init__(self, in_channels: int, num_classes: int, depth: int = 20, groups: int = 2):
+        super().__init__()
+        if depth < 8 or (depth - 2) % 6:
+            raise ConfigError(f"resnet-gn depth must be 6n+2 (8, 14, 20, 32, ...), got {depth}")
+        n = (depth - 2) // 6
+        self.conv = nn.Conv2d(in_channels, 16, 3, padding=1, bias=False)
+        self.norm = nn.GroupNorm(groups, 16)
+        blocks: list[nn.Module] = []
+        in_ch = 16
+        for stage, channels in enumerate((16, 32, 64)):
+            for i in range(n):
+                stride = 2 if stage > 0 and i == 0 else 1
+                blocks.append(BasicBlockGN(in_ch, channels, stride, groups))
+                in_ch = channels
+        self.blocks = nn.Sequential(*blocks)
+        self.fc = nn.Linear(64, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.norm(self.conv(x)))
+        x = self.blocks(x)
+        return self.fc(x.mean(dim=(2, 3)))
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """How to build one zoo model, and the smallest image it accepts (None: any shape, flattened)."""
+
+    build: Callable[[tuple[int, ...], int], nn.Module]
+    min_image_size: int | None = None
+
+
+MODELS: dict[str, ModelEntry] = {
+    "logreg": ModelEntry(lambda s, k: LogReg(math.prod(s), k)),
+    "mlp": ModelEntry(lambda s, k: MLP(math.prod(s), k)),
+    "simple-cnn": ModelEntry(lambda s, k: SimpleCNN(*s, k), min_image_size=14),
+    "cnn": ModelEntry(lambda s, k: CNN(*s, k), min_image_size=4),
+    "resnet-gn": ModelEntry(lambda s, k: ResNetGN(s[0], k), min_image_size=1),
+}
+
+
+def build_model(name: str, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    """The zoo model `name` for one example of `input_shape` and `num_classes` outputs (logits)."""
+    entry = MODELS.get(name)
+    if entry is None:
+        ranked = difflib.get_close_matches(name.lower(), MODELS, n=len(MODELS), cutoff=0.0)
+        close = difflib.get_close_matches(name.lower(), MODELS, n=1)
+        hint = f"did you mean '{close[0]}'?" if close else "set model.name to one of them"
+        raise ConfigError(f"unknown model '{name}'; valid models: {', '.join(ranked)}", hint)
+    shape = tuple(int(d) for d in input_shape)
+    if entry.min_image_size is not None:
+        if len(shape) != 3:
+            raise ConfigError(f"model '{name}' needs image input (C,H,W); dataset gives shape {shape}",
+                              hint="use model = 'mlp' or 'logreg'")
+        if min(shape[1:]) < entry.min_image_size:
+            raise ConfigError(
+                f"model '{name}' needs images of at least {entry.min_image_size}x{entry.min_image_size}; "
+                f"dataset gives shape {shape}", hint="use model = 'resnet-gn', 'mlp' or 'logreg'")
+    return entry.build(shape, num_classes)
