@@ -222,7 +222,7 @@ def show(run_id: str, runs_dir: str | os.PathLike | None = None) -> dict[str, An
 def report(run_id: str, *, runs_dir: str | os.PathLike | None = None, out_dir: str | os.PathLike | None = None,
            tensorboard: bool = False) -> Path:
     """Write the HTML report (and TensorBoard event files on request); returns the report path."""
-    from .report import write_report, write_tensorboard  # matplotlib only when a report is asked for
+    from .reporting import write_report, write_tensorboard  # matplotlib only when a report is asked for
 
     store = open_store(runs_dir)
     rec = store.get_run(run_id)

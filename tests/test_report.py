@@ -1,0 +1,153 @@
+import re
+
+import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from fedloom.reporting import make_plots, write_report, write_tensorboard
+from fedloom.reporting.html import fmt_bytes, fmt_pct
+from fedloom.store import RunStore
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+PLOT_KEYS = {"accuracy_loss", "client_spread", "label_heatmap", "update_norms"}
+ACCURACY = {1: 0.52, 2: 0.7345, 3: 0.71}  # the best round is not the last
+CONFIG = {
+    "name": "tiny",
+    "data": {"dataset": "digits", "num_clients": 3, "partition": "dirichlet", "alpha": 0.5},
+    "model": {"name": "mlp"},
+    "train": {"local_epochs": 1, "batch_size": 16, "lr": 0.05},
+    "server": {"algorithm": "fedavg", "optimizer": "sgd", "lr": 1.0},
+    "run": {"rounds": 3, "seed": 7},
+}
+
+
+def round_row(r: int) -> dict:
+    acc = ACCURACY[r]
+    return {
+        "seconds": 0.5 * r, "num_clients": 3, "bytes_up": 1_000_000 * r, "bytes_down": 2_000_000 * r,
+        "train_loss": 1.5 / r, "test_loss": 1.2 / r, "test_accuracy": acc, "test_macro_f1": acc - 0.05,
+        "metrics": {
+            "lr": 0.05, "fed_accuracy": acc - 0.01, "fed_accuracy_min": acc - 0.2,
+            "fed_accuracy_p10": acc - 0.15, "fed_accuracy_median": acc, "fed_accuracy_max": acc + 0.1,
+            "update_norm_mean": 2.0 / r,
+            "cosine_mean": 0.3 + 0.1 * r,
+        },
+    }
+
+
+def client_rows(r: int) -> list[dict]:
+    rows = []
+    for c in range(3):
+        rows.append({"client_id": c, "kind": "fit", "num_examples": 100 + c, "loss": 1.0 / r,
+                     "update_norm": 1.0 + c / r, "update_mean": 0.0, "update_std": 0.01, "cosine": 0.5,
+                     "bytes_up": 1000, "seconds": 0.1})
+        rows.append({"client_id": c, "kind": "eval", "num_examples": 30, "loss": 0.9 / r,
+                     "accuracy": ACCURACY[r] - 0.1 * c, "macro_f1": 0.5})
+    return rows
+
+
+def make_run(store: RunStore, tmp_path, run_id: str = "tiny-run-1", rounds: int = 3, name: str = "tiny"
+             ) -> str:
+    """A run of 3 clients and 3 planned rounds, with `rounds` of them recorded."""
+    clients = [(0, 100, 30, [50, 30, 20]), (1, 101, 30, [0, 1, 100]), (2, 102, 30, [34, 34, 34])]
+    versions = {"fedloom": "0.1.0", "torch": "2.13.0"}
+    store.create_run(run_id, name, CONFIG, 7, versions, str(tmp_path / run_id), 3, clients)
+    for r in range(1, rounds + 1):
+        store.record_round(run_id, r, round_row(r), client_rows(r), wall_seconds=1.5 * r)
+    return run_id
+
+
+@pytest.fixture
+def store(tmp_path):
+    s = RunStore(tmp_path / "runs" / "fedloom.db")
+    yield s
+    s.close()
+
+
+def test_html_report_is_self_contained_and_complete(store, tmp_path):
+    run_id = make_run(store, tmp_path)
+    store.set_status(run_id, "diverged", "diverging at round 3: try a lower learning rate", wall_seconds=4.5)
+    path = write_report(store, run_id)
+    assert path == tmp_path / run_id / "report.html"  # default: the run's output dir
+    page = path.read_text()
+    assert run_id in page and "diverged" in page and "try a lower learning rate" in page
+    assert f"{fmt_pct(0.7345)} (round 2)" in page and "73.45%" in page  # best accuracy, not the final one
+    assert f"{fmt_pct(0.71)} (round 3)" in page
+    assert fmt_bytes(6_000_000) in page and "6.0 MB (6,000,000 bytes)" in page  # bytes up over 3 rounds
+    assert "12.0 MB (12,000,000 bytes)" in page
+    for text in ("digits", "dirichlet (alpha = 0.5)", "mlp", "fedavg", "<td>7</td>", "2.13.0"):
+        assert text in page, text
+    assert page.count('src="data:image/png;base64,') == 4
+    without_images = re.sub(r"data:image/png;base64,[A-Za-z0-9+/=]+", "", page)
+    assert not re.search(r"https?://", without_images)
+    assert not re.search(r"<(link|script)\b", without_images)
+    # per-client table of the last evaluated round: client 2 scored 0.71 - 0.2 and its last norm is 1 + 2/3
+    assert "Clients (round 3)" in page and "51.00%" in page and "1.667" in page
+    for key in PLOT_KEYS:
+        assert (tmp_path / run_id / f"{key}.png").read_bytes().startswith(PNG_MAGIC)
+
+
+def test_plots_are_png_files(store, tmp_path):
+    run_id = make_run(store, tmp_path)
+    paths = make_plots(store, run_id, tmp_path / "plots")
+    assert set(paths) == PLOT_KEYS
+    for p in paths.values():
+        assert p.parent == tmp_path / "plots" and p.read_bytes().startswith(PNG_MAGIC)
+
+
+@pytest.mark.parametrize("rounds", [0, 1])
+def test_report_of_a_run_with_no_or_one_round(store, tmp_path, rounds):
+    run_id = make_run(store, tmp_path, rounds=rounds)
+    out = tmp_path / "elsewhere"
+    path = write_report(store, run_id, out)
+    page = path.read_text()
+    assert path == out / "report.html" and run_id in page
+    assert page.count("data:image/png;base64,") == 4
+    assert f"{rounds} / 3" in page
+
+
+def test_report_tolerates_missing_metrics_and_unevaluated_rounds(store, tmp_path):
+    store.create_run("bare", "bare", {}, 0, {}, str(tmp_path / "bare"), 2, [(0, 10, 0, [])])
+    row = {"seconds": 1.0, "num_clients": 1, "bytes_up": 10, "bytes_down": 20}  # no losses, no metrics
+    fit = {"client_id": 0, "kind": "fit", "num_examples": 10}  # no update norm
+    store.record_round("bare", 1, row, [fit], wall_seconds=1.0)
+    page = write_report(store, "bare").read_text()
+    assert "No federated evaluation recorded yet." in page and "10 B (10 bytes)" in page
+
+
+def test_many_clients_are_summarised(store, tmp_path):
+    n = 60
+    store.create_run("big", "big", CONFIG, 0, {}, str(tmp_path / "big"), 2,
+                     [(c, 10, 5, [c % 3, 5, 1, 0]) for c in range(n)])
+    for r in (1, 2):
+        fits = [{"client_id": c, "kind": "fit", "num_examples": 10, "update_norm": 1.0 + c / n}
+                for c in range(n)]
+        evals = [{"client_id": c, "kind": "eval", "num_examples": 5, "loss": 1.0, "accuracy": c / n}
+                 for c in range(n)]
+        store.record_round("big", r, round_row(r), fits + evals, wall_seconds=float(r))
+    paths = make_plots(store, "big", tmp_path / "big")
+    assert all(p.read_bytes().startswith(PNG_MAGIC) for p in paths.values())
+
+
+def test_run_strings_are_escaped(store, tmp_path):
+    run_id = make_run(store, tmp_path, name="<script>alert(1)</script>")
+    store.set_status(run_id, "failed", "client 1 failed: x < y & z")
+    page = write_report(store, run_id).read_text()
+    assert "<script>" not in page and "&lt;script&gt;alert(1)&lt;/script&gt;" in page
+    assert "x &lt; y &amp; z" in page
+
+
+def test_tensorboard_scalars_match_the_store(store, tmp_path):
+    run_id = make_run(store, tmp_path)
+    log_dir = tmp_path / "tb"
+    for _ in range(2):  # exporting again replaces the events instead of duplicating every round
+        assert write_tensorboard(store, run_id, log_dir) == log_dir
+    assert len(list(log_dir.glob("events.out.tfevents.*"))) == 1
+    acc = EventAccumulator(str(log_dir))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    assert {"test/accuracy", "test/loss", "fed/accuracy_p10", "comm/bytes_up", "update/cosine_mean",
+            "time/seconds"} <= tags
+    events = acc.Scalars("test/accuracy")
+    assert [e.step for e in events] == [1, 2, 3]
+    assert [e.value for e in events] == pytest.approx([ACCURACY[r] for r in (1, 2, 3)], rel=1e-6)
+    assert [e.value for e in acc.Scalars("comm/bytes_down")] == [2e6, 4e6, 6e6]
