@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from fedloom.data.datasets import Dataset
-from fedloom.data.federated import ClientData, FederatedData
 
 import fedloom
 from fedloom.config import load_config
+from fedloom.data.datasets import Dataset
+from fedloom.data.federated import ClientData, FederatedData
 from fedloom.engines import build_engine
 from fedloom.rng import torch_rng
 from fedloom.rounds import Federation

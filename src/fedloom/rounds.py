@@ -123,7 +123,9 @@ class Federation:
                     raise ClientError(round_, res.client_id, res.traceback)
                 failed.append(res.client_id)
                 continue
-            messages.append((len(res), wire.decode(res, expect_spec=self.spec.hash())))
+            msg = wire.decode(res.payload, expect_spec=self.spec.hash())
+            msg.metrics["seconds"] = res.seconds
+            messages.append((len(res.payload), msg))
         bytes_down = len(broadcast) * len(tasks)
         bytes_up = sum(n for n, _ in messages)
         messages = [(n, m) for n, m in messages if m.num_examples > 0]

@@ -6,7 +6,6 @@ back the same wire bytes, so every engine computes the same round.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -40,7 +39,6 @@ class ClientRuntime:
         self.train = train
 
     def fit(self, task: ClientTask) -> bytes:
-        t0 = time.perf_counter()
         start = wire.decode(task.broadcast, expect_spec=self.spec_hash)
         load_vector(self.model, self.spec, start.vector)
         client = self.data.clients[task.client_id]
@@ -49,6 +47,6 @@ class ClientRuntime:
             torch_rng(task.seed, "train", task.round, task.client_id), noise_std=client.noise_std,
         )
         delta = model_vector(self.model, self.spec) - start.vector
-        metrics = {"loss": result.loss, "steps": result.steps, "seconds": time.perf_counter() - t0}
+        metrics = {"loss": result.loss, "steps": result.steps}
         return wire.encode(wire.Message("update", task.round, task.client_id, self.spec_hash, delta,
                                         result.num_examples, metrics))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import difflib
 
 from ..errors import ConfigError
-from .base import ClientFailure, Engine
+from .base import ClientFailure, ClientReply, Engine
 from .sequential import SequentialEngine
 
 ENGINES = {"sequential": SequentialEngine}
@@ -19,4 +19,4 @@ def build_engine(name: str) -> Engine:
     return ENGINES[name]()
 
 
-__all__ = ["ENGINES", "ClientFailure", "Engine", "build_engine"]
+__all__ = ["ENGINES", "ClientFailure", "ClientReply", "Engine", "build_engine"]

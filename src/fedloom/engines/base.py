@@ -9,6 +9,17 @@ from ..client.work import ClientRuntime, ClientTask
 
 
 @dataclass
+class ClientReply:
+    """A client's update bytes, and the seconds its work took as the engine measured them.
+
+    Timing stays out of the bytes so that the bytes, and so the measured communication, are deterministic.
+    """
+
+    payload: bytes
+    seconds: float
+
+
+@dataclass
 class ClientFailure:
     client_id: int
     traceback: str
@@ -17,6 +28,6 @@ class ClientFailure:
 class Engine(Protocol):
     name: str
 
-    def fit(self, runtime: ClientRuntime, tasks: list[ClientTask]) -> list[bytes | ClientFailure]: ...
+    def fit(self, runtime: ClientRuntime, tasks: list[ClientTask]) -> list[ClientReply | ClientFailure]: ...
 
     def close(self) -> None: ...

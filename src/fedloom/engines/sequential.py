@@ -2,20 +2,22 @@
 
 from __future__ import annotations
 
+import time
 import traceback
 
 from ..client.work import ClientRuntime, ClientTask
-from .base import ClientFailure
+from .base import ClientFailure, ClientReply
 
 
 class SequentialEngine:
     name = "sequential"
 
-    def fit(self, runtime: ClientRuntime, tasks: list[ClientTask]) -> list[bytes | ClientFailure]:
-        out: list[bytes | ClientFailure] = []
+    def fit(self, runtime: ClientRuntime, tasks: list[ClientTask]) -> list[ClientReply | ClientFailure]:
+        out: list[ClientReply | ClientFailure] = []
         for task in tasks:
+            t0 = time.perf_counter()
             try:
-                out.append(runtime.fit(task))
+                out.append(ClientReply(runtime.fit(task), time.perf_counter() - t0))
             except Exception:  # noqa: BLE001 - the round logic decides: fail the round or drop the client
                 out.append(ClientFailure(task.client_id, traceback.format_exc()))
         return out
