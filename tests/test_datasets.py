@@ -90,7 +90,7 @@ def test_unverified_files_are_refused_unless_trusted(tmp_path, monkeypatch):
     with pytest.raises(DatasetError) as e:
         load_dataset("mnist", data_dir=tmp_path / "d", download=False)
     assert str(tmp_path / "d" / "train-images-idx3-ubyte.gz") in e.value.message
-    assert "verify=false" in e.value.hint
+    assert "verify = false" in e.value.hint
     _trust(monkeypatch, "mnist", tmp_path / "d")  # the registry route: hash-verified like the real files
     assert len(load_dataset("mnist", data_dir=tmp_path / "d", download=False).y_train) == 60
 

@@ -160,8 +160,8 @@ def check_file(path: Path, remote: RemoteFile, verify: bool = True) -> Path:
     if verify and (problem := _problem(path, remote)):
         raise DatasetError(
             f"{path} is not the official {remote.name}: {problem}",
-            hint="delete it and run again to re-download, or put the official file there "
-                 "(or pass the dataset option verify=false to trust a local file whose hash is unknown)")
+            hint="delete it and run again to re-download, or put the official file there; to trust a local "
+                 "file whose hash is unknown, set data.options = {verify = false}")
     return path
 
 
