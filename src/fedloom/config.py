@@ -55,27 +55,67 @@ class TrainConfig(_Section):
     lr_decay: float = Field(0.1, gt=0, le=1, description="gamma for step / exponential schedules")
     lr_step_rounds: int = Field(10, ge=1, description="step schedule: decay every this many rounds")
     min_lr: float = Field(0.0, ge=0, description="cosine schedule floor")
+    local_epochs_max: int = Field(0, ge=0, description="if > local_epochs: each client and round draws its "
+                                  "epochs uniformly from local_epochs..local_epochs_max")
+    straggler_fraction: float = Field(0.0, ge=0, le=1, description="share of the selected clients that only "
+                                      "finish part of their work (1..E epochs, or 1..S steps, uniformly)")
+    drop_stragglers: bool = Field(False, description="discard stragglers' partial work (FedProx paper's FedAvg)")
 
     @model_validator(mode="after")
     def _some_work(self) -> TrainConfig:
         if self.local_epochs == 0 and self.local_steps == 0:
             raise ValueError("local_epochs and local_steps are both 0: clients would do no training")
+        if self.local_epochs_max and (self.local_steps or self.local_epochs_max < self.local_epochs):
+            raise ValueError("local_epochs_max needs local_steps = 0 and local_epochs_max >= local_epochs")
         return self
 
 
+ALGORITHMS = ("fedavg", "fedprox", "scaffold", "fednova", "feddyn", "qffl", "ditto", "perfedavg", "fedbn")
+
+# Algorithm parameters, and the algorithms that read each: setting one the chosen algorithm ignores is
+# an error, so a typo'd experiment cannot silently run plain FedAvg.
+_ALGORITHM_PARAMS = {"mu": ("fedprox",), "dyn_alpha": ("feddyn",), "q": ("qffl",), "ditto_lambda": ("ditto",),
+                     "perfedavg_alpha": ("perfedavg",), "perfedavg_variant": ("perfedavg",)}
+_OPTIMIZER_PARAMS = {"beta1": ("adam", "yogi", "adagrad"), "beta2": ("adam", "yogi"),
+                     "tau": ("adam", "yogi", "adagrad"), "momentum": ("sgd",)}
+
+
 class ServerConfig(_Section):
-    algorithm: Literal["fedavg"] = "fedavg"
-    optimizer: Literal["sgd"] = "sgd"
+    algorithm: Literal["fedavg", "fedprox", "scaffold", "fednova", "feddyn", "qffl", "ditto", "perfedavg",
+                       "fedbn"] = "fedavg"
+    optimizer: Literal["sgd", "adam", "yogi", "adagrad"] = "sgd"
     lr: float = Field(1.0, gt=0, description="server learning rate; 1.0 with momentum 0 is FedAvg")
     momentum: float = Field(0.0, ge=0, lt=1, description="server momentum (FedAvgM when > 0)")
+    beta1: float = Field(0.9, ge=0, lt=1, description="FedOpt first-moment decay")
+    beta2: float = Field(0.99, ge=0, lt=1, description="FedAdam / FedYogi second-moment decay")
+    tau: float = Field(1e-3, gt=0, description="FedOpt adaptivity (epsilon), also the initial v = tau^2")
+    mu: float = Field(0.01, ge=0, description="FedProx proximal weight")
+    dyn_alpha: float = Field(0.01, gt=0, description="FedDyn regularisation weight")
+    q: float = Field(1.0, ge=0, description="q-FFL fairness exponent (0 = uniform-weight FedAvg)")
+    ditto_lambda: float = Field(0.1, ge=0, description="Ditto: pull of the personal model to the global one")
+    perfedavg_alpha: float = Field(0.01, gt=0, description="Per-FedAvg inner (personalization) step size")
+    perfedavg_variant: Literal["fo", "hf"] = Field("fo", description="first-order or Hessian-free")
     clients_per_round: int | None = Field(None, ge=1, description="clients sampled per round (count)")
     fraction: float = Field(1.0, gt=0, le=1, description="clients sampled per round (fraction), if no count")
+
+    @model_validator(mode="after")
+    def _params_in_use(self) -> ServerConfig:
+        for key, users, chosen in [*((k, u, self.algorithm) for k, u in _ALGORITHM_PARAMS.items()),
+                                   *((k, u, self.optimizer) for k, u in _OPTIMIZER_PARAMS.items())]:
+            # set and not the default: a stored config (every field written out) still validates
+            if (key in self.model_fields_set and chosen not in users
+                    and getattr(self, key) != type(self).model_fields[key].default):
+                raise ValueError(f"server.{key} is used by {' / '.join(users)}, not by '{chosen}'")
+        return self
 
 
 class EvalConfig(_Section):
     every: int = Field(1, ge=1, description="evaluate every this many rounds (and always the last)")
     federated: bool = Field(True, description="also evaluate on every client's local test split")
     batch_size: int = Field(1024, ge=1)
+    finetune_epochs: int = Field(0, ge=0, description="personalized evaluation: each client fine-tunes the "
+                                 "global model this many local epochs before its local test")
+    finetune_lr: float | None = Field(None, gt=0, description="fine-tuning learning rate (default train.lr)")
 
 
 class RunConfig(_Section):

@@ -40,3 +40,24 @@ def spread(values: list[float] | np.ndarray, weights: list[float] | np.ndarray |
         "median": float(np.median(v)),
         "max": float(v.max()),
     }
+
+
+def fairness(values: list[float] | np.ndarray) -> dict[str, float]:
+    """How evenly a per-client metric is spread, every client counting once (q-FFL, Li et al. 2020).
+
+    mean, std (population), worst10 / best10 (mean of the worst / best 10% of clients, at least one),
+    and Jain's index (sum x)^2 / (n sum x^2): 1 when all clients are equal, 1/n when one has everything.
+    """
+    v = np.asarray(values, dtype=np.float64)
+    v = np.sort(v[np.isfinite(v)])
+    if v.size == 0:
+        return {}
+    k = max(1, int(np.ceil(0.1 * v.size)))
+    sq = float((v**2).sum())
+    return {
+        "mean": float(v.mean()),
+        "std": float(v.std()),
+        "worst10": float(v[:k].mean()),
+        "best10": float(v[-k:].mean()),
+        "jain": float(v.sum() ** 2 / (v.size * sq)) if sq > 0 else 1.0,
+    }
