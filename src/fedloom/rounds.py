@@ -26,7 +26,7 @@ from .data.federated import FederatedData
 from .engines import ClientFailure, Engine
 from .errors import ClientError
 from .evaluation import Predictions, predict
-from .metrics import spread
+from .metrics import fairness, spread
 from .params import ParamSpec, load_tensors, load_vector, model_vector, save_tensors
 from .pipeline import wire
 from .rng import numpy_rng
@@ -50,18 +50,27 @@ class Federation:
         self.cfg, self.data, self.engine = cfg, data, engine
         self.store, self.run_id, self.out_dir = store, run_id, out_dir
         self.model = model_factory()  # seeded: this is the initial global model
-        self.runtime = ClientRuntime(model_factory, data, cfg.train)
+        self.algorithm = build_algorithm(cfg.server, data.num_clients)
+        self.runtime = ClientRuntime(model_factory, data, cfg.train, self.algorithm, cfg.eval)
         self.spec: ParamSpec = self.runtime.spec
-        self.algorithm = build_algorithm(cfg.server)
+        self.shared = self.runtime.shared  # entries that travel (None: all)
         self.params = model_vector(self.model, self.spec)
         self.opt_state = self.algorithm.server_optimizer.init(self.params)
+        self.alg_state = self.algorithm.init_state(self._shared(self.params))
+        self.client_states: dict[int, dict[str, torch.Tensor]] = {}  # kept for the clients, never aggregated
+        self.personalized = self.algorithm.personalizes or cfg.eval.finetune_epochs > 0
         self.train_losses: list[float] = []
+
+    def _shared(self, vec: torch.Tensor) -> torch.Tensor:
+        return vec if self.shared is None else vec[self.shared]
 
     # ---- checkpoints ------------------------------------------------------------------------------
     def save_checkpoint(self, round_: int) -> Path:
         path = self.out_dir / "checkpoints" / f"round-{round_:05d}.safetensors"
         tensors = {f"model/{k}": v for k, v in self.spec.unflatten(self.params).items()}
         tensors.update({f"server/{k}": v for k, v in self.opt_state.items()})
+        tensors.update({f"algorithm/{k}": v for k, v in self.alg_state.items()})
+        tensors.update({f"client/{c}/{k}": v for c, st in self.client_states.items() for k, v in st.items()})
         save_tensors(path, tensors, {"round": round_, "spec": self.spec.hash(), "run_id": self.run_id})
         return path
 
@@ -75,6 +84,12 @@ class Federation:
         model = {k[len("model/"):]: v for k, v in tensors.items() if k.startswith("model/")}
         self.params = self.spec.flatten(model)
         self.opt_state = {k[len("server/"):]: v for k, v in tensors.items() if k.startswith("server/")}
+        self.alg_state = {k[len("algorithm/"):]: v for k, v in tensors.items() if k.startswith("algorithm/")}
+        self.client_states = {}
+        for k, v in tensors.items():
+            if k.startswith("client/"):
+                _, cid, name = k.split("/", 2)
+                self.client_states.setdefault(int(cid), {})[name] = v
         self.train_losses = [r["train_loss"] for r in self.store.rounds(self.run_id)
                              if r["train_loss"] is not None]
 
@@ -106,17 +121,43 @@ class Federation:
             return list(range(n))
         return sorted(int(c) for c in numpy_rng(self.cfg.run.seed, "select", round_).choice(n, k, replace=False))
 
+    def broadcast(self, round_: int) -> bytes:
+        vec = torch.cat([self._shared(self.params), *self.algorithm.broadcast_extras(self.alg_state)])
+        return wire.encode(wire.Message("broadcast", round_, -1, self.spec.hash(), vec))
+
+    def local_work(self, round_: int, selected: list[int]) -> tuple[dict[int, tuple[int, int]], list[int]]:
+        """(epochs, steps) per selected client, the config's or drawn for unequal work and stragglers; and
+        the stragglers dropped, when the config drops them instead of using their partial work."""
+        t = self.cfg.train
+        work, dropped = {}, []
+        for c in selected:
+            rng = numpy_rng(self.cfg.run.seed, "work", round_, c)
+            epochs = int(rng.integers(t.local_epochs, t.local_epochs_max + 1)) if t.local_epochs_max else t.local_epochs
+            work[c] = (epochs, t.local_steps)
+        k = round(t.straggler_fraction * len(selected))
+        if k:  # FedProx's systems heterogeneity: stragglers finish 1..E epochs (or 1..S steps), uniformly
+            for c in numpy_rng(self.cfg.run.seed, "stragglers", round_).choice(selected, k, replace=False):
+                rng = numpy_rng(self.cfg.run.seed, "straggler-work", round_, int(c))
+                e, s = work[int(c)]
+                work[int(c)] = (e, int(rng.integers(1, s + 1))) if s else (int(rng.integers(1, e + 1)), 0)
+                if t.drop_stragglers:
+                    dropped.append(int(c))
+        return work, sorted(dropped)
+
     def run_round(self, round_: int) -> RoundOutcome:
         cfg = self.cfg
         t0 = time.perf_counter()
         selected = self.select(round_)
-        broadcast = wire.encode(wire.Message("broadcast", round_, -1, self.spec.hash(), self.params))
+        broadcast = self.broadcast(round_)
         lr = round_lr(cfg.train, round_, cfg.run.rounds)
-        tasks = [ClientTask(round_, c, lr, cfg.run.seed, broadcast) for c in selected]
+        work, stragglers_dropped = self.local_work(round_, selected)
+        tasks = [ClientTask(round_, c, lr, cfg.run.seed, broadcast, epochs=work[c][0], steps=work[c][1],
+                            state=self.client_states.get(c, {}))
+                 for c in selected if c not in stragglers_dropped]
         results = self.engine.fit(self.runtime, tasks)
         t_train = time.perf_counter() - t0
 
-        messages, failed = [], []
+        messages, failed, new_states = [], [], {}
         for res in results:
             if isinstance(res, ClientFailure):
                 if cfg.run.on_client_error == "fail":
@@ -126,6 +167,8 @@ class Federation:
             msg = wire.decode(res.payload, expect_spec=self.spec.hash())
             msg.metrics["seconds"] = res.seconds
             messages.append((len(res.payload), msg))
+            if res.state is not None:
+                new_states[msg.client_id] = res.state
         bytes_down = len(broadcast) * len(tasks)
         bytes_up = sum(n for n, _ in messages)
         messages = [(n, m) for n, m in messages if m.num_examples > 0]
@@ -135,20 +178,27 @@ class Federation:
         t1 = time.perf_counter()
         updates = torch.stack([m.vector for _, m in messages])
         num_examples = [m.num_examples for _, m in messages]
-        agg = self.algorithm.aggregate(updates, num_examples)
-        client_rows, stats = self._update_stats(messages, updates, agg)
+        agg, alg_state = self.algorithm.aggregate(updates, num_examples, [m.metrics for _, m in messages],
+                                                  self.alg_state, lr)
+        size = agg.numel()
+        client_rows, stats = self._update_stats(messages, updates[:, :size], agg)
         train_loss = float(np.average([m.metrics["loss"] for _, m in messages], weights=num_examples))
         stop = self._non_finite(round_, messages, agg, train_loss)
         updated = stop is None
         if updated:
+            if self.shared is not None:
+                agg = torch.zeros_like(self.params).masked_scatter_(self.shared, agg)
             self.params, self.opt_state = self.algorithm.server_optimizer.step(self.params, agg, self.opt_state)
+            self.alg_state = alg_state
+            self.client_states.update(new_states)
         t_agg = time.perf_counter() - t1
 
         row: dict[str, Any] = {
             "num_clients": len(messages), "bytes_up": bytes_up, "bytes_down": bytes_down,
             "train_loss": train_loss,
             "metrics": {"lr": lr, **stats, "train_seconds": t_train, "aggregate_seconds": t_agg,
-                        "dropped_clients": failed},
+                        "dropped_clients": failed, "dropped_stragglers": stragglers_dropped,
+                        **self.algorithm.describe()},
         }
         if updated:
             self.train_losses.append(train_loss)
@@ -156,6 +206,8 @@ class Federation:
             if round_ % cfg.eval.every == 0 or round_ == cfg.run.rounds or stop:
                 t2 = time.perf_counter()
                 client_rows += self._evaluate(row)
+                if self.personalized:
+                    client_rows += self._evaluate_personalized(round_, row)
                 row["metrics"]["eval_seconds"] = time.perf_counter() - t2
         row["seconds"] = time.perf_counter() - t0
         return RoundOutcome(round_, row | {"clients": client_rows}, stop, updated, failed)
@@ -218,4 +270,29 @@ class Federation:
         m["fed_accuracy"] = acc.get("mean")
         m["fed_loss"] = spread([r["loss"] for r in rows], w).get("mean")
         m["fed_macro_f1"] = spread([r["macro_f1"] for r in rows], w).get("mean")
+        m.update({f"fair_{k}": v for k, v in fairness([r["accuracy"] for r in rows]).items()})
+        return rows
+
+    def _evaluate_personalized(self, round_: int, row: dict[str, Any]) -> list[dict[str, Any]]:
+        """Every client personalizes the global model its own way and tests it on its own split."""
+        broadcast = self.broadcast(round_)
+        tasks = [ClientTask(round_, c.id, self.cfg.train.lr, self.cfg.run.seed, broadcast, kind="evaluate",
+                            state=self.client_states.get(c.id, {})) for c in self.data.clients]
+        rows = []
+        for res in self.engine.fit(self.runtime, tasks):
+            if isinstance(res, ClientFailure):
+                if self.cfg.run.on_client_error == "fail":
+                    raise ClientError(round_, res.client_id, res.traceback)
+                continue
+            msg = wire.decode(res.payload, expect_spec=self.spec.hash())
+            rows.append({"client_id": msg.client_id, "kind": "personal", "num_examples": msg.num_examples,
+                         "loss": msg.metrics["loss"], "accuracy": msg.metrics["accuracy"],
+                         "macro_f1": msg.metrics["macro_f1"], "seconds": res.seconds})
+        w = [r["num_examples"] for r in rows]
+        m = row["metrics"]
+        acc = spread([r["accuracy"] for r in rows], w)
+        m.update({f"pers_accuracy_{k}": v for k, v in acc.items() if k != "mean"})
+        m["pers_accuracy"] = acc.get("mean")
+        m["pers_loss"] = spread([r["loss"] for r in rows], w).get("mean")
+        m.update({f"pers_fair_{k}": v for k, v in fairness([r["accuracy"] for r in rows]).items()})
         return rows

@@ -7,6 +7,7 @@ DataLoader worker processes), which keeps per-client overhead near zero next to 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -37,6 +38,9 @@ def round_lr(cfg: TrainConfig, round_: int, total_rounds: int) -> float:
     return cfg.lr
 
 
+Hook = Callable[[list[torch.Tensor]], None]
+
+
 def local_train(
     model: torch.nn.Module,
     dataset: Dataset,
@@ -45,21 +49,32 @@ def local_train(
     lr: float,
     generator: torch.Generator,
     noise_std: float = 0.0,
+    *,
+    epochs: int | None = None,
+    steps: int | None = None,
+    grad_hook: Hook | None = None,
+    post_step: Hook | None = None,
 ) -> LocalResult:
     """Train `model` in place on `dataset.x_train[train_idx]`.
 
-    `local_steps > 0` runs exactly that many steps (reshuffling each pass); otherwise `local_epochs`
-    full passes. The optimizer (and its momentum) is fresh each round, as in FedAvg.
+    `steps > 0` runs exactly that many steps (reshuffling each pass); otherwise `epochs` full passes
+    (both default to the config's). The optimizer (and its momentum) is fresh each round, as in FedAvg.
+    Algorithms change the local objective through two hooks over the parameter list: `grad_hook` edits
+    the gradients before the step (FedProx, SCAFFOLD, FedDyn), `post_step` edits the weights after it
+    (Ditto's proximal step).
     """
     n = len(train_idx)
     if n == 0:
         return LocalResult(0, 0, float("nan"))
+    epochs = cfg.local_epochs if epochs is None else epochs
+    steps = cfg.local_steps if steps is None else steps
     idx = torch.as_tensor(train_idx, dtype=torch.long)
-    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     model.train()
     bs = cfg.batch_size
     batches_per_epoch = math.ceil(n / bs)
-    total_steps = cfg.local_steps if cfg.local_steps > 0 else cfg.local_epochs * batches_per_epoch
+    total_steps = steps if steps > 0 else epochs * batches_per_epoch
     loss_sum = torch.zeros((), dtype=torch.float64)
     step = 0
     while step < total_steps:
@@ -74,7 +89,13 @@ def local_train(
             loss = F.cross_entropy(model(x), dataset.y_train[sel])
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            if grad_hook is not None:
+                with torch.no_grad():
+                    grad_hook(params)
             opt.step()
+            if post_step is not None:
+                with torch.no_grad():
+                    post_step(params)
             loss_sum += loss.detach()
             step += 1
     return LocalResult(n, step, float(loss_sum / max(step, 1)))

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
+import torch
+
 from ..client.work import ClientRuntime, ClientTask
 
 
@@ -17,6 +19,7 @@ class ClientReply:
 
     payload: bytes
     seconds: float
+    state: dict[str, torch.Tensor] | None = None  # the client's new private state, if its algorithm keeps one
 
 
 @dataclass

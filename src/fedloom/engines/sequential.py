@@ -17,7 +17,8 @@ class SequentialEngine:
         for task in tasks:
             t0 = time.perf_counter()
             try:
-                out.append(ClientReply(runtime.fit(task), time.perf_counter() - t0))
+                result = runtime.run(task)
+                out.append(ClientReply(result.payload, time.perf_counter() - t0, result.state))
             except Exception:  # noqa: BLE001 - the round logic decides: fail the round or drop the client
                 out.append(ClientFailure(task.client_id, traceback.format_exc()))
         return out

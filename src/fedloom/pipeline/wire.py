@@ -24,7 +24,7 @@ _LEN = struct.Struct("<I")
 
 @dataclass
 class Message:
-    kind: str  # "broadcast" (server -> client) or "update" (client -> server)
+    kind: str  # "broadcast" (server -> client), "update" or "evaluation" (client -> server)
     round: int
     client_id: int
     spec_hash: str

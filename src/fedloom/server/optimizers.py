@@ -3,13 +3,18 @@
 Same shape as optax: `init(params) -> state`, `step(params, update, state) -> (params, state)`, with the
 state a dict of tensors so it checkpoints as-is. The aggregated update Δ is a descent direction, so the
 pseudo-gradient is g = -Δ; SGD with lr 1 and no momentum gives x + Δ, which is exactly FedAvg.
+Momentum is FedAvgM; the adaptive ones are FedAdagrad / FedAdam / FedYogi.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from ..config import ServerConfig
 
 State = dict[str, torch.Tensor]
 
@@ -30,7 +35,47 @@ class ServerSGD:
         return params - self.lr * g, state
 
 
-def build_server_optimizer(name: str, lr: float, momentum: float) -> ServerSGD:
-    if name == "sgd":
-        return ServerSGD(lr=lr, momentum=momentum)
-    raise ValueError(f"unknown server optimizer '{name}'")
+@dataclass(frozen=True)
+class ServerAdaptive:
+    """FedAdagrad / FedAdam / FedYogi (Reddi et al. 2021, Algorithm 2), on the aggregated update Δ:
+
+        m = β1 m + (1 - β1) Δ
+        v = v + Δ²                              (adagrad)
+        v = β2 v + (1 - β2) Δ²                  (adam)
+        v = v - (1 - β2) Δ² sign(v - Δ²)        (yogi)
+        x = x + lr m / (√v + τ)
+
+    No bias correction, as in the paper; v starts at τ² (the paper asks v_-1 >= τ²), m at zero.
+    """
+
+    kind: str  # "adagrad" | "adam" | "yogi"
+    lr: float = 0.01
+    beta1: float = 0.9
+    beta2: float = 0.99
+    tau: float = 1e-3
+
+    def init(self, params: torch.Tensor) -> State:
+        return {"m": torch.zeros_like(params), "v": torch.full_like(params, self.tau**2)}
+
+    def step(self, params: torch.Tensor, update: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
+        d2 = update * update
+        m = self.beta1 * state["m"] + (1 - self.beta1) * update
+        v = state["v"]
+        if self.kind == "adagrad":
+            v = v + d2
+        elif self.kind == "adam":
+            v = self.beta2 * v + (1 - self.beta2) * d2
+        else:
+            v = v - (1 - self.beta2) * d2 * torch.sign(v - d2)
+        return params + self.lr * m / (v.sqrt() + self.tau), {"m": m, "v": v}
+
+
+ServerOptimizer = ServerSGD | ServerAdaptive
+
+
+def build_server_optimizer(cfg: ServerConfig) -> ServerOptimizer:
+    if cfg.optimizer == "sgd":
+        return ServerSGD(lr=cfg.lr, momentum=cfg.momentum)
+    if cfg.optimizer in ("adagrad", "adam", "yogi"):
+        return ServerAdaptive(cfg.optimizer, lr=cfg.lr, beta1=cfg.beta1, beta2=cfg.beta2, tau=cfg.tau)
+    raise ValueError(f"unknown server optimizer '{cfg.optimizer}'")

@@ -1,0 +1,105 @@
+"""Remedies for client drift: each changes the local objective so local models stay near a common optimum.
+
+- FedProx (Li et al. 2020): local loss + μ/2 ||w - w_global||².
+- SCAFFOLD (Karimireddy et al. 2020, option II): local gradients corrected by c - c_i, the server's and the
+  client's control variates; c_i lives on the client across rounds, however rarely it is sampled.
+- FedDyn (Acar et al. 2021): local loss - <g_k, w> + α/2 ||w - w_global||², with g_k the client's running
+  linear term, and a server correction h so the fixed points of clients and server agree.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ..server.aggregators import example_weights, weighted_mean
+from .base import Algorithm, ClientContext, ClientOutput, State, param_mask
+
+
+class FedProx(Algorithm):
+    name = "fedprox"
+
+    def client_fit(self, ctx: ClientContext) -> ClientOutput:
+        mu = self.cfg.mu
+        anchor = ctx.as_params(ctx.start.clone())
+
+        def prox(params: list[torch.Tensor]) -> None:  # gradient of μ/2 ||w - w0||²
+            for p, w0 in zip(params, anchor, strict=True):
+                p.grad.add_(p - w0, alpha=mu)
+
+        result = ctx.train_local(grad_hook=prox if mu > 0 else None)
+        return ClientOutput(ctx.delta(), result.num_examples, ctx.metrics)
+
+    def describe(self) -> dict[str, Any]:
+        return {"algorithm": self.name, "mu": self.cfg.mu}
+
+
+class Scaffold(Algorithm):
+    """Updates carry [Δy, Δc]; the broadcast carries [x, c]. Both cost twice FedAvg's bytes, as in the paper."""
+
+    name = "scaffold"
+    extras = 1
+    stateful = True
+
+    def init_state(self, params: torch.Tensor) -> State:
+        return {"c": torch.zeros_like(params)}
+
+    def broadcast_extras(self, state: State) -> list[torch.Tensor]:
+        return [state["c"]]
+
+    def aggregate(self, updates: torch.Tensor, num_examples: list[int], metrics: list[dict[str, Any]],
+                  state: State, lr: float) -> tuple[torch.Tensor, State]:
+        d = updates.shape[1] // 2
+        dy, dc = updates[:, :d], updates[:, d:]
+        # x moves by the example-weighted mean (so zero control variates give FedAvg exactly);
+        # c by |S|/N times the mean of the Δc_i, i.e. their sum over N.
+        return weighted_mean(dy, example_weights(num_examples)), {"c": state["c"] + dc.sum(0) / self.num_clients}
+
+    def client_fit(self, ctx: ClientContext) -> ClientOutput:
+        c = ctx.extras[0]
+        c_i = ctx.state.get("c", torch.zeros_like(c))
+        correction = ctx.as_params(c - c_i)
+
+        def correct(params: list[torch.Tensor]) -> None:
+            for p, k in zip(params, correction, strict=True):
+                p.grad.add_(k)
+
+        result = ctx.train_local(grad_hook=correct)
+        y = ctx.vector()
+        # option II: c_i+ = c_i - c + (x - y) / (K lr), on trainable entries only
+        mask = param_mask(ctx.model, ctx.spec)
+        c_new = torch.where(mask, c_i - c + (ctx.start - y) / (max(result.steps, 1) * ctx.lr), c_i)
+        return ClientOutput(torch.cat([ctx.delta(y), c_new - c_i]), result.num_examples, ctx.metrics, {"c": c_new})
+
+
+class FedDyn(Algorithm):
+    name = "feddyn"
+    stateful = True
+
+    def init_state(self, params: torch.Tensor) -> State:
+        return {"h": torch.zeros_like(params)}
+
+    def aggregate(self, updates: torch.Tensor, num_examples: list[int], metrics: list[dict[str, Any]],
+                  state: State, lr: float) -> tuple[torch.Tensor, State]:
+        # h <- h - α/m Σ_{k in P} Δ_k ;  new x = mean_P(θ_k) - h/α  (uniform mean over participants, as published)
+        alpha = self.cfg.dyn_alpha
+        h = state["h"] - alpha * updates.sum(0) / self.num_clients
+        return updates.mean(0) - h / alpha, {"h": h}
+
+    def client_fit(self, ctx: ClientContext) -> ClientOutput:
+        alpha = self.cfg.dyn_alpha
+        g = ctx.state.get("g", torch.zeros_like(ctx.start))
+        anchor, linear = ctx.as_params(ctx.start.clone()), ctx.as_params(g)
+
+        def dyn(params: list[torch.Tensor]) -> None:  # ∇L - g + α (w - w0)
+            for p, w0, gk in zip(params, anchor, linear, strict=True):
+                p.grad.sub_(gk).add_(p - w0, alpha=alpha)
+
+        result = ctx.train_local(grad_hook=dyn)
+        delta = ctx.delta()
+        g_new = g - alpha * delta * param_mask(ctx.model, ctx.spec)
+        return ClientOutput(delta, result.num_examples, ctx.metrics, {"g": g_new})
+
+    def describe(self) -> dict[str, Any]:
+        return {"algorithm": self.name, "dyn_alpha": self.cfg.dyn_alpha}

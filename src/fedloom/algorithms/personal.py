@@ -1,0 +1,150 @@
+"""Personalization: each client ends up with its own model, evaluated on its own test split.
+
+- Ditto (Li et al. 2021): besides the global update, each client keeps a personal model v_k trained on
+  F_k(v) + λ/2 ||v - w||². We take the λ term as an exact proximal step after each SGD step,
+  v <- (v + lr λ w) / (1 + lr λ), which is stable for any λ (λ -> ∞ gives v = w, the global model).
+- Per-FedAvg (Fallah et al. 2020): trains the global model for one step of local adaptation. Each step
+  takes three batches: w' = w - α ∇f(w; D1), then w <- w - β (I - α ∇²f(w; D3)) ∇f(w'; D2), the
+  Hessian-vector product exact by double backpropagation ("hf"), or dropped ("fo", first order).
+  Personalization is one α-step on one local batch.
+- FedBN (Li et al. 2021): normalization layers (weights and running statistics) never leave the client;
+  everything else is averaged. Use a model with BatchNorm, e.g. `simple-cnn-bn`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..params import ParamSpec
+from .base import Algorithm, ClientContext, ClientOutput, State
+
+
+class Ditto(Algorithm):
+    name = "ditto"
+    stateful = True
+
+    def client_fit(self, ctx: ClientContext) -> ClientOutput:
+        w = ctx.start.clone()
+        result = ctx.train_local()
+        delta, metrics = ctx.delta(), dict(ctx.metrics)
+        # the personal model: same amount of local work, pulled towards this round's global model
+        ctx.load(ctx.state.get("personal", w))
+        k = ctx.lr * self.cfg.ditto_lambda
+        keep = 1.0 / (1.0 + k) if math.isfinite(k) else 0.0
+        anchor = ctx.as_params(w)
+
+        def prox(params: list[torch.Tensor]) -> None:
+            for p, w0 in zip(params, anchor, strict=True):
+                p.mul_(keep).add_(w0, alpha=1.0 - keep)
+
+        personal = ctx.train_local(post_step=prox)
+        metrics["personal_loss"] = personal.loss
+        return ClientOutput(delta, result.num_examples, metrics, {"personal": ctx.vector()})
+
+    def personalize(self, ctx: ClientContext) -> torch.Tensor | None:
+        return ctx.state.get("personal")
+
+    def describe(self) -> dict[str, Any]:
+        return {"algorithm": self.name, "ditto_lambda": self.cfg.ditto_lambda}
+
+
+def _batch_loss(ctx: ClientContext, sel: torch.Tensor) -> torch.Tensor:
+    ds = ctx.dataset
+    x = ds.features(ds.x_train[sel])
+    if ctx.client.noise_std > 0:
+        x = x + ctx.client.noise_std * torch.randn(x.shape, generator=ctx.generator)
+    return F.cross_entropy(ctx.model(x), ds.y_train[sel])
+
+
+class PerFedAvg(Algorithm):
+    name = "perfedavg"
+
+    def _batches(self, ctx: ClientContext):
+        """Endless reshuffled mini-batches of the client's training indices."""
+        idx = torch.as_tensor(ctx.client.train_idx, dtype=torch.long)
+        bs = ctx.train.batch_size
+        while True:
+            perm = idx[torch.randperm(len(idx), generator=ctx.generator)]
+            yield from (perm[s : s + bs] for s in range(0, len(perm), bs))
+
+    def client_fit(self, ctx: ClientContext) -> ClientOutput:
+        n = len(ctx.client.train_idx)
+        if n == 0:
+            return ClientOutput(ctx.delta(), 0, {"loss": float("nan"), "steps": 0})
+        alpha, hf = self.cfg.perfedavg_alpha, self.cfg.perfedavg_variant == "hf"
+        params = [p for p in ctx.model.parameters() if p.requires_grad]
+        opt = torch.optim.SGD(params, lr=ctx.lr, momentum=ctx.train.momentum, weight_decay=ctx.train.weight_decay)
+        total = ctx.steps if ctx.steps > 0 else ctx.epochs * math.ceil(n / ctx.train.batch_size)
+        batches = self._batches(ctx)
+        ctx.model.train()
+        loss_sum = 0.0
+        for _ in range(total):
+            saved = [p.detach().clone() for p in params]
+            g1 = torch.autograd.grad(_batch_loss(ctx, next(batches)), params)
+            with torch.no_grad():
+                for p, g in zip(params, g1, strict=True):
+                    p.sub_(g, alpha=alpha)
+            outer = _batch_loss(ctx, next(batches))
+            g2 = torch.autograd.grad(outer, params)
+            with torch.no_grad():
+                for p, s in zip(params, saved, strict=True):
+                    p.copy_(s)
+            if hf:  # (I - α H(w; D3)) g2, H g2 by double backprop at the original weights
+                grads = torch.autograd.grad(_batch_loss(ctx, next(batches)), params, create_graph=True)
+                hv = torch.autograd.grad(grads, params, grad_outputs=g2)
+                g2 = tuple(g - alpha * h for g, h in zip(g2, hv, strict=True))
+            for p, g in zip(params, g2, strict=True):
+                p.grad = g.detach()
+            opt.step()
+            loss_sum += float(outer)
+        ctx.metrics.update(loss=loss_sum / total, steps=total)
+        return ClientOutput(ctx.delta(), n, ctx.metrics)
+
+    def personalize(self, ctx: ClientContext) -> torch.Tensor | None:
+        if len(ctx.client.train_idx) == 0:
+            return None
+        params = [p for p in ctx.model.parameters() if p.requires_grad]
+        ctx.model.train()
+        grads = torch.autograd.grad(_batch_loss(ctx, next(self._batches(ctx))), params)
+        with torch.no_grad():
+            for p, g in zip(params, grads, strict=True):
+                p.sub_(g, alpha=self.cfg.perfedavg_alpha)
+        return ctx.vector()
+
+    def describe(self) -> dict[str, Any]:
+        return {"algorithm": self.name, "perfedavg_alpha": self.cfg.perfedavg_alpha,
+                "perfedavg_variant": self.cfg.perfedavg_variant}
+
+
+_NORMS = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm, nn.InstanceNorm1d, nn.InstanceNorm2d)
+
+
+class FedBN(Algorithm):
+    name = "fedbn"
+    stateful = True
+
+    def shared_mask(self, model: torch.nn.Module, spec: ParamSpec) -> torch.Tensor | None:
+        local = [f"{name}." for name, m in model.named_modules() if isinstance(m, _NORMS)]
+        if not local:
+            raise ValueError("fedbn keeps normalization layers local, but this model has none; "
+                             "use a model with BatchNorm, e.g. model.name = \"simple-cnn-bn\"")
+        mask = torch.ones(spec.size, dtype=torch.bool)
+        for e in spec.entries:
+            if e.name.startswith(tuple(local)):
+                mask[e.offset : e.offset + e.numel] = False
+        return mask
+
+    def client_fit(self, ctx: ClientContext) -> ClientOutput:
+        result = ctx.train_local()
+        return ClientOutput(ctx.delta(), result.num_examples, ctx.metrics, {"local": ctx.vector()})
+
+    def personalize(self, ctx: ClientContext) -> torch.Tensor | None:
+        return ctx.start  # the shared layers from the server, this client's own normalization layers
+
+
+__all__ = ["Ditto", "FedBN", "PerFedAvg", "State"]
