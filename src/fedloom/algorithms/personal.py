@@ -101,7 +101,7 @@ class PerFedAvg(Algorithm):
             for p, g in zip(params, g2, strict=True):
                 p.grad = g.detach()
             opt.step()
-            loss_sum += float(outer)
+            loss_sum += float(outer.detach())
         ctx.metrics.update(loss=loss_sum / total, steps=total)
         return ClientOutput(ctx.delta(), n, ctx.metrics)
 

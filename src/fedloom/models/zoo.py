@@ -52,7 +52,7 @@ class MLP(nn.Module):
 class SimpleCNN(nn.Module):
     """NIID-Bench's SimpleCNN (LeNet-5 shaped): two 5x5 convolutions, then 120 -> 84 -> classes."""
 
-    def __init__(self, in_channels: int, height: int, width: int, num_classes: int):
+    def __init__(self, in_channels: int, height: int, width: int, num_classes: int, batch_norm: bool = False):
         super().__init__()
         self.conv1 = nn.Conv2d(in_channels, 6, 5)
         self.conv2 = nn.Conv2d(6, 16, 5)
@@ -61,12 +61,16 @@ class SimpleCNN(nn.Module):
         self.fc1 = nn.Linear(16 * h * w, 120)
         self.fc2 = nn.Linear(120, 84)
         self.fc3 = nn.Linear(84, num_classes)
+        # FedBN's variant: BatchNorm after every layer but the last (Li et al. 2021)
+        norms = [nn.BatchNorm2d(6), nn.BatchNorm2d(16), nn.BatchNorm1d(120), nn.BatchNorm1d(84)] if batch_norm \
+            else [nn.Identity() for _ in range(4)]
+        self.bn1, self.bn2, self.bn3, self.bn4 = norms
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.pool(F.relu(self.conv1(x)))
-        x = self.pool(F.relu(self.conv2(x)))
-        x = F.relu(self.fc1(x.flatten(1)))
-        x = F.relu(self.fc2(x))
+        x = self.pool(F.relu(self.bn1(self.conv1(x))))
+        x = self.pool(F.relu(self.bn2(self.conv2(x))))
+        x = F.relu(self.bn3(self.fc1(x.flatten(1))))
+        x = F.relu(self.bn4(self.fc2(x)))
         return self.fc3(x)
 
 
@@ -147,6 +151,7 @@ MODELS: dict[str, ModelEntry] = {
     "logreg": ModelEntry(lambda s, k: LogReg(math.prod(s), k)),
     "mlp": ModelEntry(lambda s, k: MLP(math.prod(s), k)),
     "simple-cnn": ModelEntry(lambda s, k: SimpleCNN(*s, k), min_image_size=14),
+    "simple-cnn-bn": ModelEntry(lambda s, k: SimpleCNN(*s, k, batch_norm=True), min_image_size=14),
     "cnn": ModelEntry(lambda s, k: CNN(*s, k), min_image_size=4),
     "resnet-gn": ModelEntry(lambda s, k: ResNetGN(s[0], k), min_image_size=1),
 }
