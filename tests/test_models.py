@@ -5,7 +5,7 @@ from torch import nn
 from fedloom.errors import ConfigError
 from fedloom.models import MODELS, ResNetGN, build_model
 
-IMAGE_MODELS = ["simple-cnn", "cnn", "resnet-gn"]
+IMAGE_MODELS = ["simple-cnn", "simple-cnn-bn", "cnn", "resnet-gn"]
 SHAPES = [(1, 28, 28), (3, 32, 32), (64,)]
 
 
