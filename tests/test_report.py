@@ -8,7 +8,7 @@ from fedloom.reporting.html import fmt_bytes, fmt_pct
 from fedloom.store import RunStore
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-PLOT_KEYS = {"accuracy_loss", "client_spread", "label_heatmap", "update_norms"}
+PLOT_KEYS = {"accuracy_loss", "client_spread", "fairness", "label_heatmap", "update_norms"}
 ACCURACY = {1: 0.52, 2: 0.7345, 3: 0.71}  # the best round is not the last
 CONFIG = {
     "name": "tiny",
@@ -76,12 +76,16 @@ def test_html_report_is_self_contained_and_complete(store, tmp_path):
     assert "12.0 MB (12,000,000 bytes)" in page
     for text in ("digits", "dirichlet (alpha = 0.5)", "mlp", "fedavg", "<td>7</td>", "2.13.0"):
         assert text in page, text
-    assert page.count('src="data:image/png;base64,') == 4
+    assert page.count('src="data:image/png;base64,') == len(PLOT_KEYS)
     without_images = re.sub(r"data:image/png;base64,[A-Za-z0-9+/=]+", "", page)
     assert not re.search(r"https?://", without_images)
     assert not re.search(r"<(link|script)\b", without_images)
     # per-client table of the last evaluated round: client 2 scored 0.71 - 0.2 and its last norm is 1 + 2/3
     assert "Clients (round 3)" in page and "51.00%" in page and "1.667" in page
+    # fairness of the three clients' accuracies 0.71, 0.61, 0.51, recomputed: this run predates fair_* metrics
+    assert "<h2>Fairness across clients</h2>" in page and "<th>mean client accuracy</th>" in page
+    assert '<td class="num">61.00%</td>' in page and "3 clients, each counting once." in page
+    assert "<h2>Diagnosis</h2>" in page and "<h2>Personalization</h2>" not in page
     for key in PLOT_KEYS:
         assert (tmp_path / run_id / f"{key}.png").read_bytes().startswith(PNG_MAGIC)
 
@@ -101,7 +105,7 @@ def test_report_of_a_run_with_no_or_one_round(store, tmp_path, rounds):
     path = write_report(store, run_id, out)
     page = path.read_text()
     assert path == out / "report.html" and run_id in page
-    assert page.count("data:image/png;base64,") == 4
+    assert page.count("data:image/png;base64,") == len(PLOT_KEYS)
     assert f"{rounds} / 3" in page
 
 
@@ -123,8 +127,13 @@ def test_many_clients_are_summarised(store, tmp_path):
                 for c in range(n)]
         evals = [{"client_id": c, "kind": "eval", "num_examples": 5, "loss": 1.0, "accuracy": c / n}
                  for c in range(n)]
-        store.record_round("big", r, round_row(r), fits + evals, wall_seconds=float(r))
+        personal = [{"client_id": c, "kind": "personal", "num_examples": 5, "loss": 0.5, "accuracy": 0.5 + c / (2 * n)}
+                    for c in range(n)]
+        row = round_row(r)
+        row["metrics"]["pers_accuracy"] = 0.75
+        store.record_round("big", r, row, fits + evals + personal, wall_seconds=float(r))
     paths = make_plots(store, "big", tmp_path / "big")
+    assert set(paths) == PLOT_KEYS | {"personalization"}  # drawn as a scatter: too many clients for bars
     assert all(p.read_bytes().startswith(PNG_MAGIC) for p in paths.values())
 
 

@@ -26,6 +26,8 @@ from . import __version__
 from .config import ExperimentConfig, load_config
 from .data.datasets import DATASETS, dataset_status, load_dataset
 from .data.federated import FederatedData, federate
+from .diagnosis import Diagnosis
+from .diagnosis import diagnose as diagnose_run
 from .engines import build_engine
 from .errors import FedloomError, RunError
 from .models import build_model
@@ -231,6 +233,11 @@ def report(run_id: str, *, runs_dir: str | os.PathLike | None = None, out_dir: s
     if tensorboard:
         write_tensorboard(store, rec.run_id, target / "tensorboard")
     return path
+
+
+def diagnose(run_id: str, runs_dir: str | os.PathLike | None = None) -> Diagnosis:
+    """Explain what went wrong in a run (drift, skew, divergence, unfairness...), with the numbers and remedies."""
+    return diagnose_run(open_store(runs_dir), run_id)
 
 
 def datasets(data_dir: str | os.PathLike | None = None) -> list[dict[str, str]]:

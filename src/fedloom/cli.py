@@ -183,6 +183,16 @@ def report(
 
 
 @app.command()
+def diagnose(run_id: str, as_json: Annotated[bool, typer.Option("--json")] = False, runs_dir: RunsDir = None) -> None:
+    """Explain what went wrong in a run, with the numbers behind each finding and what to try."""
+    diagnosis = api.diagnose(run_id, runs_dir=runs_dir)
+    if as_json:
+        out.print_json(json.dumps(diagnosis.to_dict()))
+        return
+    out.print(diagnosis)
+
+
+@app.command()
 def datasets(data_dir: Annotated[Path | None, typer.Option("--data-dir")] = None) -> None:
     """List datasets, where each was found, or what to do to get it."""
     table = Table("dataset", "status", "where / what to do")

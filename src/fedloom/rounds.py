@@ -197,7 +197,7 @@ class Federation:
             "num_clients": len(messages), "bytes_up": bytes_up, "bytes_down": bytes_down,
             "train_loss": train_loss,
             "metrics": {"lr": lr, **stats, "train_seconds": t_train, "aggregate_seconds": t_agg,
-                        "dropped_clients": failed, "dropped_stragglers": stragglers_dropped,
+                        "dropped_clients": failed, "dropped_stragglers": stragglers_dropped, "updated": updated,
                         **self.algorithm.describe()},
         }
         if updated:

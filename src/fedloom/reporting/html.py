@@ -15,6 +15,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from ..diagnosis import SEVERITIES, Diagnosis, accuracy_by_round, diagnose, fairness_series
 from ..store import RunRecord, RunStore
 from .plots import make_plots
 
@@ -27,6 +28,12 @@ _PLOTS = (
     ("client_spread", "Accuracy across clients",
      "Federated evaluation: the global model's accuracy on each client's test split. Bands show min-max and "
      "p10-median per round; the right panel shows every client in the last evaluated round."),
+    ("fairness", "Fairness across clients",
+     "The global model's accuracy on each client's test split with every client counting once: the mean, the "
+     "worst and best 10% of clients, and Jain's index (right axis; 1 when all clients score alike)."),
+    ("personalization", "Personalization",
+     "Each client's accuracy with the global model and with its personalized model (left, last round that "
+     "recorded both), and the example-weighted mean and worst-10% accuracy of each over rounds (right)."),
     ("label_heatmap", "Label distribution",
      "Training examples per client and class: how non-IID the partition is."),
     ("update_norms", "Client updates",
@@ -53,6 +60,10 @@ figure { margin: 1rem 0; } figure img { max-width: 100%; border: 1px solid #eee;
 figcaption { color: #555; font-size: 0.9rem; }
 pre { background: #f7f7f7; padding: 0.8rem; overflow-x: auto; font-size: 0.85rem; }
 .note { color: #666; font-size: 0.9rem; }
+.finding { border-left: 4px solid #888; background: #fafafa; padding: 0.4rem 0.8rem; margin: 0.5rem 0; }
+.finding.problem { border-color: #c62828; } .finding.warning { border-color: #ef6c00; }
+.finding.info { border-color: #1565c0; }
+.finding ul { margin: 0.3rem 0; } .finding details { font-size: 0.85rem; }
 """
 
 
@@ -66,7 +77,8 @@ def write_report(store: RunStore, run_id: str, out_dir: Path | None = None) -> P
         _header(rec),
         "<h2>Setup</h2>", _kv_table(_setup(rec)),
         "<h2>Summary</h2>", _kv_table(_summary(rec, rounds)),
-        *(_figure(plots[key], title, caption) for key, title, caption in _PLOTS),
+        _diagnosis_section(store, rec.run_id),
+        *_figures(plots, store, rec.run_id, rounds),
         _clients_section(store, rec.run_id),
         "<h2>Versions</h2>", _kv_table([(k, str(v)) for k, v in sorted(rec.versions.items())]),
         "<h2>Configuration</h2>",
@@ -247,3 +259,63 @@ def _clients_section(store: RunStore, run_id: str) -> str:
         rows.append("<tr>" + "".join(f'<td class="num">{_e(v)}</td>' for v in cells) + "</tr>")
     parts.append(f"<table>\n<tr>{head}</tr>\n" + "\n".join(rows) + "\n</table>")
     return "\n".join(parts)
+
+
+def _figures(plots: dict[str, Path], store: RunStore, run_id: str, rounds: list[dict[str, Any]]) -> list[str]:
+    """The plots in page order (personalization only when drawn), the fairness one with its table."""
+    out = []
+    for key, title, caption in _PLOTS:
+        if key in plots:
+            out.append(_figure(plots[key], title, caption))
+        if key == "fairness":
+            out.append(_fairness_table(store, run_id, rounds))
+    return out
+
+
+_SEVERITY_TITLES = {"problem": "Problems", "warning": "Warnings", "info": "Info"}
+
+
+def _diagnosis_section(store: RunStore, run_id: str) -> str:
+    """The findings of `fedloom diagnose`, grouped by severity, each with its remedies and evidence."""
+    parts = ["<h2>Diagnosis</h2>"]
+    try:
+        found: Diagnosis = diagnose(store, run_id)
+    except Exception as e:  # the report is what a finished run leaves behind: a diagnosis bug must not cost it
+        return parts[0] + f'\n<p class="note">Diagnosis unavailable: {_e(f"{type(e).__name__}: {e}")}</p>'
+    problems, warnings = len(found.of("problem")), len(found.of("warning"))
+    parts.append(f'<p class="note">{problems} problem{"" if problems == 1 else "s"}, {warnings} warning'
+                 f'{"" if warnings == 1 else "s"}; the same as <code>fedloom diagnose {_e(run_id)}</code>.</p>')
+    for severity in SEVERITIES:
+        findings = found.of(severity)
+        if findings:
+            parts.append(f"<h3>{_SEVERITY_TITLES[severity]}</h3>")
+        for f in findings:
+            remedies = "".join(f"<li>{_e(r)}</li>" for r in f.remedies)
+            parts.append(
+                f'<div class="finding {severity}"><strong>{_e(f.kind.replace("_", " "))}</strong>: {_e(f.message)}'
+                + (f"<ul>{remedies}</ul>" if remedies else "")
+                + f"<details><summary>evidence</summary><pre>{_e(json.dumps(f.evidence, indent=2))}</pre>"
+                "</details></div>")
+    return "\n".join(parts)
+
+
+def _fairness_table(store: RunStore, run_id: str, rounds: list[dict[str, Any]]) -> str:
+    """The latest fairness figures of the global model and, when recorded, of the personalized models."""
+    evals, personal = store.client_rounds(run_id, "eval"), store.client_rounds(run_id, "personal")
+    series = fairness_series(rounds, evals)
+    if not series:
+        return '<p class="note">No per-client evaluation recorded yet.</p>'
+    rnd, glob = series[-1]
+    pers = dict(fairness_series(rounds, personal, "pers_fair")).get(rnd)
+    clients = len(accuracy_by_round(evals).get(rnd, {}))
+    head = "<tr><th>round " + _e(str(rnd)) + "</th><th>global model</th>" + (
+        "<th>personalized</th>" if pers else "") + "</tr>"
+    rows = []
+    for key, label in (("mean", "mean client accuracy"), ("worst10", "worst 10% of clients"),
+                       ("best10", "best 10% of clients"), ("std", "standard deviation"), ("jain", "Jain's index")):
+        cells = [glob.get(key)] + ([pers.get(key)] if pers else [])
+        shown = [_num(v, ".3f") if key == "jain" else fmt_pct(v) for v in cells]
+        rows.append(f"<tr><th>{_e(label)}</th>" + "".join(f'<td class="num">{_e(v)}</td>' for v in shown) + "</tr>")
+    note = f"{clients} clients, each counting once." if clients else "Every client counts once."
+    return f"<table>\n{head}\n" + "\n".join(rows) + f'\n</table>\n<p class="note">{_e(note)}</p>'
+

@@ -20,26 +20,36 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from ..diagnosis import accuracy_by_round, fairness_series
 from ..store import RunStore
 
 MAX_LINES = 20  # above this many clients, per-client lines become a median and a 10-90% band
 MAX_HEATMAP_CLIENTS = 50
+MAX_BARS = 30  # above this many clients, global vs personalized accuracy is a scatter instead of bars
 MAX_ANNOTATED = (20, 10)  # (clients, classes) up to which heatmap cells show their counts
 DPI = 100
 
 
 def make_plots(store: RunStore, run_id: str, out_dir: Path) -> dict[str, Path]:
-    """Write the four report PNGs into `out_dir`; returns {name: path}."""
+    """Write the report PNGs into `out_dir`; returns {name: path}.
+
+    Five always; a sixth, "personalization", only for runs that recorded personalized accuracy.
+    """
     run_id = store.get_run(run_id).run_id  # resolves a unique prefix, refuses an unknown id
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     rounds = store.rounds(run_id)
+    evals = store.client_rounds(run_id, "eval")
+    personal = store.client_rounds(run_id, "personal")
     drawers: dict[str, Callable[[], Figure]] = {
         "accuracy_loss": lambda: _accuracy_loss(rounds),
-        "client_spread": lambda: _client_spread(rounds, store.client_rounds(run_id, "eval")),
+        "client_spread": lambda: _client_spread(rounds, evals),
+        "fairness": lambda: _fairness(rounds, evals),
         "label_heatmap": lambda: _label_heatmap(store.clients(run_id)),
         "update_norms": lambda: _update_norms(rounds, store.client_rounds(run_id, "fit")),
     }
+    if personal or any(_finite(r["metrics"].get("pers_accuracy")) for r in rounds):
+        drawers["personalization"] = lambda: _personalization(rounds, evals, personal)
     paths = {}
     for key, draw in drawers.items():
         fig = draw()
@@ -82,7 +92,7 @@ def _round_axis(ax: Axes) -> None:
     ax.grid(alpha=0.3)
 
 
-# ---- the four figures -------------------------------------------------------------------------------
+# ---- the figures -----------------------------------------------------------------------------------
 
 def _accuracy_loss(rounds: list[Row]) -> Figure:
     """Centralized test accuracy and loss per round, with the federated mean accuracy and train loss."""
@@ -226,3 +236,85 @@ def _update_norms(rounds: list[Row], fits: list[Row]) -> Figure:
     else:
         _no_data(cos_ax, "mean cosine similarity of updates to the aggregate")
     return fig
+
+
+def _fairness(rounds: list[Row], evals: list[Row]) -> Figure:
+    """Mean, worst-10% and best-10% client accuracy per evaluated round, Jain's index on a twin axis.
+
+    Every client counts once (unlike the example-weighted mean elsewhere): a small client failed by the
+    global model shows up here. Runs that predate the fair_* metrics get them recomputed from client rows.
+    """
+    fig = Figure(figsize=(10, 4), layout="constrained")
+    ax = fig.subplots()
+    title = "fairness of the global model across clients (every client counts once)"
+    series = fairness_series(rounds, evals)
+    if not series:
+        _no_data(ax, title)
+        return fig
+    for key, label, style in (("best10", "best 10%", "--"), ("mean", "mean", "-"), ("worst10", "worst 10%", "--")):
+        x = [r for r, f in series if key in f]
+        ax.plot(x, [f[key] for r, f in series if key in f], ls=style, marker="o", ms=3, label=label)
+    ax.set_title(title)
+    ax.set_ylabel("client accuracy")
+    _round_axis(ax)
+    jain = [(r, f["jain"]) for r, f in series if "jain" in f]
+    handles, labels = ax.get_legend_handles_labels()
+    if jain:
+        jax = ax.twinx()
+        line = jax.plot([r for r, _ in jain], [j for _, j in jain], color="C3", ls=":", marker="^", ms=4)[0]
+        jax.set_ylabel("Jain's index (1 = all clients equal)")
+        jax.set_ylim(max(0.0, min(j for _, j in jain) - 0.05), 1.005)
+        handles, labels = [*handles, line], [*labels, "Jain's index (right axis)"]
+    ax.legend(handles, labels, loc="best", fontsize=8)
+    return fig
+
+
+def _personalization(rounds: list[Row], evals: list[Row], personal: list[Row]) -> Figure:
+    """Global vs personalized accuracy: per client in the last round that has both, and the means per round."""
+    fig = Figure(figsize=(11, 4), layout="constrained")
+    client_ax, curve_ax = fig.subplots(1, 2, width_ratios=(3, 2))
+    glob, pers = accuracy_by_round(evals), accuracy_by_round(personal)
+    both = sorted(r for r in pers if r in glob and set(pers[r]) & set(glob[r]))
+    if both:
+        rnd = both[-1]
+        ids = sorted(set(pers[rnd]) & set(glob[rnd]))
+        g, p = [glob[rnd][c] for c in ids], [pers[rnd][c] for c in ids]
+        if len(ids) <= MAX_BARS:
+            x = np.arange(len(ids))
+            client_ax.bar(x - 0.2, g, width=0.4, label="global model")
+            client_ax.bar(x + 0.2, p, width=0.4, label="personalized")
+            client_ax.set_xticks(x, [str(c) for c in ids])
+            client_ax.set_xlabel("client")
+            client_ax.set_ylabel("accuracy on the client's test split")
+            client_ax.set_ylim(0, 1.15)  # headroom above 100% for the legend
+            client_ax.legend(loc="upper center", ncol=2, fontsize=8)
+        else:
+            client_ax.scatter(g, p, s=10, alpha=0.6)
+            client_ax.plot([0, 1], [0, 1], color="0.5", lw=0.8, label="no change")
+            client_ax.set_xlabel("global model accuracy")
+            client_ax.set_ylabel("personalized accuracy")
+            client_ax.legend(loc="lower right", fontsize=8)
+        client_ax.set_title(f"per client, round {rnd}")
+        client_ax.grid(alpha=0.3, axis="y")
+    else:
+        _no_data(client_ax, "per client")
+    lines = [(_series(rounds, _metric("fed_accuracy")), "global, weighted mean", "-"),
+             (_series(rounds, _metric("pers_accuracy")), "personalized, weighted mean", "-"),
+             (_fair_series(fairness_series(rounds, evals)), "global, worst 10%", "--"),
+             (_fair_series(fairness_series(rounds, personal, "pers_fair")), "personalized, worst 10%", "--")]
+    if any(xs for (xs, _), _, _ in lines):
+        for i, ((xs, ys), label, style) in enumerate(lines):
+            if xs:
+                curve_ax.plot(xs, ys, ls=style, marker="o", ms=3, color=f"C{i % 2}", label=label)
+        curve_ax.set_title("client accuracy over rounds")
+        curve_ax.set_ylabel("accuracy")
+        curve_ax.legend(loc="best", fontsize=8)
+        _round_axis(curve_ax)
+    else:
+        _no_data(curve_ax, "client accuracy over rounds")
+    return fig
+
+
+def _fair_series(series: list[tuple[int, dict[str, float]]], key: str = "worst10") -> tuple[list[int], list[float]]:
+    pairs = [(r, f[key]) for r, f in series if key in f]
+    return [r for r, _ in pairs], [v for _, v in pairs]
