@@ -191,7 +191,7 @@ def test_fedbn_keeps_normalization_layers_home(tmp_path):
 
 
 def test_fedbn_refuses_a_model_without_normalization(tmp_path):
-    with pytest.raises(ValueError, match="simple-cnn-bn"):
+    with pytest.raises(ConfigError, match="normalization"):
         _fed(tmp_path, _data(), {"algorithm": "fedbn"})
 
 

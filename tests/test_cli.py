@@ -179,3 +179,16 @@ def test_datasets_lists_every_dataset(tmp_path, cmd):
     assert r.returncode == 0
     for name in ("fashion-mnist", "mnist", "cifar10", "digits", "breast-cancer", "synthetic"):
         assert name in r.stdout
+
+
+def test_refused_setups_are_one_line_and_leave_no_run_behind(tmp_path):
+    cfg = write_toml(tmp_path / "bn.toml", small_config(server__algorithm="fedbn"))
+    r = fedloom_cmd("run", cfg, runs_dir=tmp_path)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "normalization" in r.stderr and "simple-cnn-bn" in r.stderr
+    cfg = write_toml(tmp_path / "skew.toml", small_config(data__num_clients=300, data__alpha=0.01))
+    r = fedloom_cmd("run", cfg, runs_dir=tmp_path)
+    assert r.returncode == 2 and "cannot partition digits" in r.stderr and "Traceback" not in r.stderr
+    r = fedloom_cmd("run", "quickstart", "--set", "server.mu=0.1", runs_dir=tmp_path)
+    assert r.returncode == 2 and "server.mu is used by fedprox, not by 'fedavg'" in r.stderr
+    assert "no runs" in fedloom_cmd("runs", runs_dir=tmp_path).stdout.lower()

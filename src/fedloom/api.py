@@ -29,7 +29,7 @@ from .data.federated import FederatedData, federate
 from .diagnosis import Diagnosis
 from .diagnosis import diagnose as diagnose_run
 from .engines import build_engine
-from .errors import FedloomError, RunError
+from .errors import ConfigError, FedloomError, RunError
 from .models import build_model
 from .rng import derive_seed
 from .rounds import Callback, Federation
@@ -65,11 +65,14 @@ def prepare(cfg: ExperimentConfig) -> tuple[FederatedData, Callable[[], torch.nn
     """Load and partition the data, and make the seeded model factory the run will use."""
     d = cfg.data
     dataset = load_dataset(d.dataset, data_dir=d.data_dir, seed=cfg.run.seed, download=d.download, **d.options)
-    data = federate(
-        dataset, d.num_clients, d.partition, seed=cfg.run.seed, alpha=d.alpha,
-        classes_per_client=d.classes_per_client, beta=d.beta, noise_sigma=d.noise_sigma, min_size=d.min_size,
-        client_test=d.client_test, holdout_fraction=d.holdout_fraction,
-    )
+    try:
+        data = federate(
+            dataset, d.num_clients, d.partition, seed=cfg.run.seed, alpha=d.alpha,
+            classes_per_client=d.classes_per_client, beta=d.beta, noise_sigma=d.noise_sigma, min_size=d.min_size,
+            client_test=d.client_test, holdout_fraction=d.holdout_fraction,
+        )
+    except ValueError as e:  # an impossible partition request: the message says which knob to turn
+        raise ConfigError(f"cannot partition {d.dataset} as asked: {e}") from None
     init_seed = derive_seed(cfg.run.seed, "model-init")
 
     def model_factory() -> torch.nn.Module:
@@ -110,9 +113,9 @@ def run(
     (out / "config.json").write_text(json.dumps(cfg.model_dump(mode="json"), indent=2))
     counts = data.label_counts("train")
     clients = [(c.id, len(c.train_idx), len(c.test_idx), [int(v) for v in counts[c.id]]) for c in data.clients]
+    fed = Federation(cfg, data, model_factory, engine_obj, store, run_id, out)  # may refuse: before any record
     store.create_run(run_id, cfg.name, cfg.model_dump(mode="json"), cfg.run.seed, versions(), str(out.resolve()),
                      cfg.run.rounds, clients)
-    fed = Federation(cfg, data, model_factory, engine_obj, store, run_id, out)
     return _drive(fed, store, run_id, 1, 0.0, callback, make_report)
 
 
@@ -171,7 +174,8 @@ def _drive(fed: Federation, store: RunStore, run_id: str, start: int, wall_befor
 
 
 def _set_threads(cfg: ExperimentConfig) -> None:
-    torch.set_num_threads(cfg.run.threads or os.cpu_count() or 1)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    torch.set_num_threads(cfg.run.threads or cores)
 
 
 # ---- reading runs -----------------------------------------------------------------------------------

@@ -136,8 +136,12 @@ def list_runs(limit: Annotated[int, typer.Option(help="show at most this many")]
               runs_dir: RunsDir = None) -> None:
     """List recorded runs, newest first."""
     store = api.open_store(runs_dir)
+    records = store.list_runs(limit)
+    if not records:
+        out.print(f"no runs yet in {store.path.parent}; start one with: fedloom run quickstart")
+        return
     table = Table("run id", "status", "rounds", "final acc", "best acc", "wall", "created")
-    for rec in store.list_runs(limit):
+    for rec in records:
         s = api.summarize(store, rec.run_id)
         table.add_row(rec.run_id, rec.status, f"{rec.rounds_completed}/{rec.rounds_planned}",
                       _pct(s["final_accuracy"]), _pct(s["best_accuracy"]), f"{rec.wall_seconds:.0f}s",

@@ -7,6 +7,7 @@ through the five methods of `base.Algorithm`. See docs/algorithms.md for papers 
 from __future__ import annotations
 
 from ..config import ServerConfig
+from ..errors import ConfigError
 from .base import Algorithm, ClientContext, ClientOutput, State
 from .drift import FedDyn, FedProx, Scaffold
 from .fednova import FedNova
@@ -20,7 +21,7 @@ ALGORITHMS: dict[str, type[Algorithm]] = {
 
 def build_algorithm(cfg: ServerConfig, num_clients: int) -> Algorithm:
     if cfg.algorithm not in ALGORITHMS:
-        raise ValueError(f"unknown algorithm '{cfg.algorithm}'")
+        raise ConfigError(f"unknown algorithm '{cfg.algorithm}'", f"algorithms: {', '.join(ALGORITHMS)}")
     return ALGORITHMS[cfg.algorithm](cfg, num_clients)
 
 

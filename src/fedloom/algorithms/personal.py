@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import ConfigError
 from ..params import ParamSpec
 from .base import Algorithm, ClientContext, ClientOutput, State
 
@@ -131,8 +132,8 @@ class FedBN(Algorithm):
     def shared_mask(self, model: torch.nn.Module, spec: ParamSpec) -> torch.Tensor | None:
         local = [f"{name}." for name, m in model.named_modules() if isinstance(m, _NORMS)]
         if not local:
-            raise ValueError("fedbn keeps normalization layers local, but this model has none; "
-                             "use a model with BatchNorm, e.g. model.name = \"simple-cnn-bn\"")
+            raise ConfigError("fedbn keeps normalization layers local, but this model has none",
+                              'use a model with BatchNorm, e.g. model.name = "simple-cnn-bn"')
         mask = torch.ones(spec.size, dtype=torch.bool)
         for e in spec.entries:
             if e.name.startswith(tuple(local)):
