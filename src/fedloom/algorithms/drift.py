@@ -1,7 +1,7 @@
 """Remedies for client drift: each changes the local objective so local models stay near a common optimum.
 
 - FedProx (Li et al. 2020): local loss + μ/2 ||w - w_global||².
-- SCAFFOLD (Karimireddy et al. 2020, option II): local gradients corrected by c - c_i, the server's and the
+- SCAFFOLD (Karimireddy et al. 2020, option II): local steps corrected by c - c_i, the server's and the
   client's control variates; c_i lives on the client across rounds, however rarely it is sampled.
 - FedDyn (Acar et al. 2021): local loss - <g_k, w> + α/2 ||w - w_global||², with g_k the client's running
   linear term, and a server correction h so the fixed points of clients and server agree.
@@ -60,12 +60,16 @@ class Scaffold(Algorithm):
         c = ctx.extras[0]
         c_i = ctx.state.get("c", torch.zeros_like(c))
         correction = ctx.as_params(c - c_i)
+        lr = ctx.lr
 
+        # y <- y - lr (g + c - c_i), with the correction applied after the optimizer step rather than added to
+        # the gradient: identical for plain SGD, and with momentum it is not amplified a second time by the
+        # momentum buffer (c already estimates the momentum-scaled drift), as in NIID-Bench's implementation
         def correct(params: list[torch.Tensor]) -> None:
             for p, k in zip(params, correction, strict=True):
-                p.grad.add_(k)
+                p.sub_(k, alpha=lr)
 
-        result = ctx.train_local(grad_hook=correct)
+        result = ctx.train_local(post_step=correct)
         y = ctx.vector()
         # option II: c_i+ = c_i - c + (x - y) / (K lr), on trainable entries only
         mask = param_mask(ctx.model, ctx.spec)
