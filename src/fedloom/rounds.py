@@ -263,14 +263,7 @@ class Federation:
             s = preds.subset(c.test_idx).summary(ds.num_classes)
             rows.append({"client_id": c.id, "kind": "eval", "num_examples": s["num_examples"],
                          "loss": s["loss"], "accuracy": s["accuracy"], "macro_f1": s["macro_f1"]})
-        w = [r["num_examples"] for r in rows]
-        m = row["metrics"]
-        acc = spread([r["accuracy"] for r in rows], w)
-        m.update({f"fed_accuracy_{k}": v for k, v in acc.items() if k != "mean"})
-        m["fed_accuracy"] = acc.get("mean")
-        m["fed_loss"] = spread([r["loss"] for r in rows], w).get("mean")
-        m["fed_macro_f1"] = spread([r["macro_f1"] for r in rows], w).get("mean")
-        m.update({f"fair_{k}": v for k, v in fairness([r["accuracy"] for r in rows]).items()})
+        _summarize_clients(row["metrics"], rows, "fed", "fair")
         return rows
 
     def _evaluate_personalized(self, round_: int, row: dict[str, Any]) -> list[dict[str, Any]]:
@@ -288,11 +281,16 @@ class Federation:
             rows.append({"client_id": msg.client_id, "kind": "personal", "num_examples": msg.num_examples,
                          "loss": msg.metrics["loss"], "accuracy": msg.metrics["accuracy"],
                          "macro_f1": msg.metrics["macro_f1"], "seconds": res.seconds})
-        w = [r["num_examples"] for r in rows]
-        m = row["metrics"]
-        acc = spread([r["accuracy"] for r in rows], w)
-        m.update({f"pers_accuracy_{k}": v for k, v in acc.items() if k != "mean"})
-        m["pers_accuracy"] = acc.get("mean")
-        m["pers_loss"] = spread([r["loss"] for r in rows], w).get("mean")
-        m.update({f"pers_fair_{k}": v for k, v in fairness([r["accuracy"] for r in rows]).items()})
+        _summarize_clients(row["metrics"], rows, "pers", "pers_fair")
         return rows
+
+
+def _summarize_clients(m: dict[str, Any], rows: list[dict[str, Any]], prefix: str, fair: str) -> None:
+    """Per-client results into round metrics: example-weighted means, accuracy spread, and fairness."""
+    w = [r["num_examples"] for r in rows]
+    acc = spread([r["accuracy"] for r in rows], w)
+    m.update({f"{prefix}_accuracy_{k}": v for k, v in acc.items() if k != "mean"})
+    m[f"{prefix}_accuracy"] = acc.get("mean")
+    m[f"{prefix}_loss"] = spread([r["loss"] for r in rows], w).get("mean")
+    m[f"{prefix}_macro_f1"] = spread([r["macro_f1"] for r in rows], w).get("mean")
+    m.update({f"{fair}_{k}": v for k, v in fairness([r["accuracy"] for r in rows]).items()})
