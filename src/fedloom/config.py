@@ -118,10 +118,31 @@ class EvalConfig(_Section):
     finetune_lr: float | None = Field(None, gt=0, description="fine-tuning learning rate (default train.lr)")
 
 
+class RayConfig(_Section):
+    """The `ray` engine: where the cluster is and what each client may use."""
+
+    address: str | None = Field(None, description="None starts a local Ray; 'auto' or 'ray://host:port' joins one")
+    num_cpus: float = Field(1.0, gt=0, description="CPUs per client task (default resource class)")
+    classes: dict[str, dict[str, float]] = Field(default_factory=dict,
+                                                 description="resource classes, e.g. {big = {num_cpus = 2}}")
+    client_class: dict[str, str] = Field(default_factory=dict,
+                                         description="client ids or ranges -> class, e.g. {'0-9' = 'big'}")
+
+    @model_validator(mode="after")
+    def _known_classes(self) -> RayConfig:
+        for ids, name in self.client_class.items():
+            if name not in self.classes:
+                raise ValueError(f"run.ray.client_class['{ids}'] names class '{name}', which run.ray.classes "
+                                 f"does not define ({', '.join(self.classes) or 'none defined'})")
+        return self
+
+
 class RunConfig(_Section):
     rounds: int = Field(20, ge=1)
     seed: int = Field(0, ge=0)
     engine: str = "sequential"
+    workers: int = Field(0, ge=0, description="parallel / ray: worker processes (0 = one per core)")
+    ray: RayConfig = Field(default_factory=RayConfig)
     threads: int = Field(0, ge=0, description="torch intra-op threads; 0 = all cores")
     checkpoint_every: int = Field(1, ge=1)
     keep_checkpoints: int = Field(2, ge=1)

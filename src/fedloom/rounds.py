@@ -54,6 +54,7 @@ class Federation:
         self.runtime = ClientRuntime(model_factory, data, cfg.train, self.algorithm, cfg.eval)
         self.spec: ParamSpec = self.runtime.spec
         self.shared = self.runtime.shared  # entries that travel (None: all)
+        engine.check(self.runtime)
         self.params = model_vector(self.model, self.spec)
         self.opt_state = self.algorithm.server_optimizer.init(self.params)
         self.alg_state = self.algorithm.init_state(self._shared(self.params))

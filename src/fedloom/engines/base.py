@@ -31,6 +31,10 @@ class ClientFailure:
 class Engine(Protocol):
     name: str
 
+    def check(self, runtime: ClientRuntime) -> None:
+        """Refuse, before the run is recorded, an experiment this engine cannot execute (ConfigError)."""
+        ...
+
     def fit(self, runtime: ClientRuntime, tasks: list[ClientTask]) -> list[ClientReply | ClientFailure]: ...
 
     def close(self) -> None: ...

@@ -12,6 +12,9 @@ from .base import ClientFailure, ClientReply
 class SequentialEngine:
     name = "sequential"
 
+    def check(self, runtime: ClientRuntime) -> None:
+        pass
+
     def fit(self, runtime: ClientRuntime, tasks: list[ClientTask]) -> list[ClientReply | ClientFailure]:
         out: list[ClientReply | ClientFailure] = []
         for task in tasks:

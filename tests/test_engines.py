@@ -1,0 +1,137 @@
+"""Every engine computes the same round as the sequential reference, and fails the same way."""
+
+import copy
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from fedloom.algorithms import ALGORITHMS, Algorithm
+from fedloom.config import load_config
+from fedloom.data.datasets import Dataset
+from fedloom.data.federated import ClientData, FederatedData
+from fedloom.engines import build_engine
+from fedloom.errors import ClientError, ConfigError
+from fedloom.models import build_model
+from fedloom.rounds import Federation
+from fedloom.store import RunStore
+
+
+def _images(sizes=(40, 25, 33, 7), seed=0) -> FederatedData:
+    """Small uint8 images in Fashion-MNIST's layout, so the CNN path (conv under vmap) is exercised."""
+    n = sum(sizes)
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, 4, (n,), generator=g)
+    x = (torch.rand(n, 1, 28, 28, generator=g) * 60 + y.view(-1, 1, 1, 1) * 40).to(torch.uint8)
+    ds = Dataset("imgs", x, y, x[:20].clone(), y[:20].clone(), num_classes=4, mean=(0.3,), std=(0.3,))
+    bounds = np.cumsum((0, *sizes))
+    clients = [ClientData(i, np.arange(bounds[i], bounds[i + 1]), np.arange(i * 5, i * 5 + 5))
+               for i in range(len(sizes))]
+    return FederatedData(ds, clients, "toy")
+
+
+def _fed(tmp_path, engine, data, model="simple-cnn", **over) -> Federation:
+    raw = {"data": {"num_clients": data.num_clients}, "run": {"seed": 5, "rounds": 3, "engine": engine,
+                                                               "workers": 2},
+           "server": {"fraction": 1.0}, "eval": {"federated": True},
+           "train": {"local_epochs": 2, "batch_size": 8, "lr": 0.05, "momentum": 0.9, "weight_decay": 1e-4}}
+    for key, value in over.items():
+        section, _, field = key.partition("__")
+        raw.setdefault(section, {})[field] = value
+    cfg = load_config(raw)
+    torch.manual_seed(0)
+    net = build_model(model, data.dataset.input_shape, data.dataset.num_classes)
+    store = RunStore(tmp_path / f"{engine}-{len(list(tmp_path.iterdir()))}.sqlite")
+    store.create_run("r", "r", {}, 5, {}, str(tmp_path), cfg.run.rounds, [])
+    return Federation(cfg, data, lambda: copy.deepcopy(net), build_engine(engine, cfg.run), store, "r", tmp_path)
+
+
+def _train(fed: Federation, rounds: int = 2):
+    rows = [fed.run_round(r).row for r in range(1, rounds + 1)]
+    fed.engine.close()
+    return fed.params, rows
+
+
+@pytest.mark.parametrize("engine", ["parallel", "vectorized"])
+@pytest.mark.parametrize("over", [{}, {"server__algorithm": "fedprox", "server__mu": 0.1},
+                                  {"train__local_epochs": 1, "train__local_epochs_max": 3}],
+                         ids=["fedavg", "fedprox", "unequal-work"])
+def test_engine_equals_sequential(tmp_path, engine, over):
+    data = _images()
+    ref, ref_rows = _train(_fed(tmp_path, "sequential", data, **over))
+    got, rows = _train(_fed(tmp_path, engine, data, **over))
+    assert torch.allclose(ref, got, atol=1e-5), (ref - got).abs().max()
+    for a, b in zip(ref_rows, rows, strict=True):
+        # the payloads are the same size; the JSON header holds each client's loss, whose last digits (and
+        # so its length) may differ with the order of float operations
+        assert abs(a["bytes_up"] - b["bytes_up"]) <= 4 * a["num_clients"] and a["num_clients"] == b["num_clients"]
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-5)
+        assert a["test_accuracy"] == b["test_accuracy"]
+
+
+def test_parallel_keeps_client_state_like_sequential(tmp_path):
+    data = _images()
+    seq = _fed(tmp_path, "sequential", data, model="mlp", server__algorithm="scaffold", server__fraction=0.5)
+    par = _fed(tmp_path, "parallel", data, model="mlp", server__algorithm="scaffold", server__fraction=0.5)
+    ref, _ = _train(seq, 3)
+    got, _ = _train(par, 3)
+    assert torch.allclose(ref, got, atol=1e-5)
+    assert set(seq.client_states) == set(par.client_states)
+    for c in seq.client_states:
+        assert torch.allclose(seq.client_states[c]["c"], par.client_states[c]["c"], atol=1e-5)
+
+
+class _Faulty(Algorithm):
+    """Client 2 raises; client 1 kills its worker process (parallel) when asked to."""
+
+    name = "faulty-test"
+
+    def client_fit(self, ctx):
+        if ctx.client.id == 2:
+            raise RuntimeError("disk on fire at client 2")
+        if ctx.client.id == 1 and os.environ.get("FEDLOOM_TEST_KILL_WORKER") == "1" and os.getpid() != _PARENT:
+            os._exit(9)
+        return super().client_fit(ctx)
+
+
+_PARENT = os.getpid()
+
+
+@pytest.fixture
+def faulty(monkeypatch):
+    monkeypatch.setitem(ALGORITHMS, "fedavg", _Faulty)  # forked workers inherit the patched registry
+
+
+@pytest.mark.parametrize("engine", ["sequential", "parallel"])
+def test_client_error_reports_round_client_and_its_traceback(tmp_path, faulty, engine):
+    fed = _fed(tmp_path, engine, _images(), model="mlp")
+    with pytest.raises(ClientError) as e:
+        fed.run_round(1)
+    fed.engine.close()
+    assert e.value.round == 1 and e.value.client_id == 2
+    assert "disk on fire at client 2" in e.value.message and "client_fit" in e.value.traceback_text
+    fed = _fed(tmp_path, engine, _images(), model="mlp", run__on_client_error="drop")
+    out = fed.run_round(1)
+    fed.engine.close()
+    assert out.failed_clients == [2] and out.row["num_clients"] == 3
+
+
+def test_a_dead_worker_fails_only_its_client_and_the_pool_recovers(tmp_path, faulty, monkeypatch):
+    monkeypatch.setenv("FEDLOOM_TEST_KILL_WORKER", "1")
+    fed = _fed(tmp_path, "parallel", _images(), model="mlp", run__on_client_error="drop")
+    out = fed.run_round(1)
+    assert sorted(out.failed_clients) == [1, 2] and out.row["num_clients"] == 2
+    monkeypatch.setenv("FEDLOOM_TEST_KILL_WORKER", "0")  # the next round gets a fresh pool
+    assert fed.run_round(2).failed_clients == [2]
+    fed.engine.close()
+
+
+@pytest.mark.parametrize(("over", "why"), [
+    ({"server__algorithm": "scaffold"}, "algorithm 'scaffold' is not vectorized"),
+    ({"model": "simple-cnn-bn"}, "buffers"),
+])
+def test_vectorized_refuses_what_it_cannot_stack(tmp_path, over, why):
+    model = over.pop("model", "simple-cnn")
+    with pytest.raises(ConfigError, match=why):
+        _fed(tmp_path, "vectorized", _images(), model=model, **over)
