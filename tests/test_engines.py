@@ -44,7 +44,7 @@ def _fed(tmp_path, engine, data, model="simple-cnn", **over) -> Federation:
     net = build_model(model, data.dataset.input_shape, data.dataset.num_classes)
     store = RunStore(tmp_path / f"{engine}-{len(list(tmp_path.iterdir()))}.sqlite")
     store.create_run("r", "r", {}, 5, {}, str(tmp_path), cfg.run.rounds, [])
-    return Federation(cfg, data, lambda: copy.deepcopy(net), build_engine(engine, cfg.run), store, "r", tmp_path)
+    return Federation(cfg, data, lambda: copy.deepcopy(net), build_engine(engine, cfg), store, "r", tmp_path)
 
 
 def _train(fed: Federation, rounds: int = 2):
@@ -135,3 +135,19 @@ def test_vectorized_refuses_what_it_cannot_stack(tmp_path, over, why):
     model = over.pop("model", "simple-cnn")
     with pytest.raises(ConfigError, match=why):
         _fed(tmp_path, "vectorized", _images(), model=model, **over)
+
+
+def test_auto_picks_by_model_clients_and_cores(tmp_path):
+    from fedloom.engines.auto import choose
+
+    small = FederatedData(_images().dataset, [ClientData(i, np.arange(i, i + 3), np.arange(0)) for i in range(20)],
+                          "toy")
+    fed = _fed(tmp_path, "sequential", small, model="mlp")
+    assert choose(fed.runtime, clients_per_round=20, cores=2) == "vectorized"
+    scaffold = _fed(tmp_path, "sequential", small, model="mlp", server__algorithm="scaffold")
+    assert choose(scaffold.runtime, clients_per_round=20, cores=2) == "parallel"
+    assert choose(scaffold.runtime, clients_per_round=20, cores=1) == "sequential"
+    assert choose(scaffold.runtime, clients_per_round=3, cores=2) == "sequential"
+    auto = _fed(tmp_path, "auto", small, model="mlp")
+    assert auto.engine.name == "auto:vectorized"
+    assert auto.run_round(1).row["metrics"]["engine"] == "auto:vectorized"

@@ -104,7 +104,7 @@ def run(
     if extra:
         cfg = load_config(cfg, extra)
     store = open_store(runs_dir)
-    engine_obj = build_engine(cfg.run.engine, cfg.run)
+    engine_obj = build_engine(cfg.run.engine, cfg)
     _set_threads(cfg)
     data, model_factory = prepare(cfg)
     run_id = f"{cfg.name}-{datetime.now():%Y%m%d-%H%M%S}-{secrets.token_hex(2)}"
@@ -131,7 +131,7 @@ def resume(run_id: str, *, rounds: int | None = None, runs_dir: str | os.PathLik
     last, ckpt = _last_good_checkpoint(store, rec)
     _set_threads(cfg)
     data, model_factory = prepare(cfg)
-    fed = Federation(cfg, data, model_factory, build_engine(cfg.run.engine, cfg.run), store, rec.run_id,
+    fed = Federation(cfg, data, model_factory, build_engine(cfg.run.engine, cfg), store, rec.run_id,
                      Path(rec.output_dir))
     store.truncate_after(rec.run_id, last)
     if ckpt:

@@ -199,6 +199,7 @@ class Federation:
             "train_loss": train_loss,
             "metrics": {"lr": lr, **stats, "train_seconds": t_train, "aggregate_seconds": t_agg,
                         "dropped_clients": failed, "dropped_stragglers": stragglers_dropped, "updated": updated,
+                        "engine": self.engine.name,
                         **self.algorithm.describe()},
         }
         if updated:
