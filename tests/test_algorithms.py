@@ -281,3 +281,37 @@ def test_every_algorithm_runs_end_to_end(runs_dir, algorithm):
     assert res.summary["rounds_completed"] == 2
     # q-FFL's step is divided by L ||Δw||² = ||Δ||² / lr, so it moves slowly with large local updates
     assert res.summary["final_accuracy"] > (0.1 if algorithm == "qffl" else 0.3)
+
+
+def test_scaffold_local_step_is_the_papers_corrected_sgd(tmp_path):
+    """Under plain SGD the correction after the step equals y <- y - lr (g + c - c_i) of the paper."""
+    import torch.nn.functional as F
+
+    from fedloom.rng import torch_rng
+
+    data = _data()
+    plain_sgd = {"local_epochs": 1, "batch_size": 8, "lr": 0.1, "momentum": 0.0, "weight_decay": 1e-3}
+    fed = _fed(tmp_path, data, {"algorithm": "scaffold"}, train=plain_sgd)
+    fed.run_round(1)
+    c, c_i = fed.alg_state["c"], fed.client_states[0]["c"]
+    broadcast = fed.broadcast(2)
+    got = wire.decode(fed.runtime.run(ClientTask(2, 0, 0.1, 3, broadcast, state=fed.client_states[0])).payload)
+
+    model = copy.deepcopy(fed.model)
+    names = [n for n, _ in model.named_parameters()]
+    model.load_state_dict(fed.spec.unflatten(fed.params))
+    corr = fed.spec.unflatten(c - c_i)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, weight_decay=1e-3)
+    idx = torch.as_tensor(data.clients[0].train_idx)
+    perm = idx[torch.randperm(len(idx), generator=torch_rng(3, "train", 2, 0))]
+    for s in range(0, len(perm), 8):
+        b = perm[s : s + 8]
+        loss = F.cross_entropy(model(data.dataset.x_train[b]), data.dataset.y_train[b])
+        opt.zero_grad()
+        loss.backward()
+        for n, p in zip(names, model.parameters(), strict=True):
+            p.grad.add_(corr[n])
+        opt.step()
+    d = fed.params.numel()
+    expected = fed.spec.flatten(model.state_dict()) - fed.params
+    assert torch.allclose(got.vector[:d], expected, atol=1e-6)
