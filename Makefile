@@ -34,7 +34,7 @@ demo: setup data
 	$(BIN)/fedloom run quickstart
 
 test: setup data
-	$(BIN)/python -m pytest -n 2 --durations=15
+	$(BIN)/python -m pytest -n 2 --dist loadgroup --durations=15
 
 lint: setup
 	$(BIN)/ruff check src tests benchmarks

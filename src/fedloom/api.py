@@ -104,16 +104,20 @@ def run(
     if extra:
         cfg = load_config(cfg, extra)
     store = open_store(runs_dir)
-    engine_obj = build_engine(cfg.run.engine, cfg)
     _set_threads(cfg)
     data, model_factory = prepare(cfg)
+    engine_obj = build_engine(cfg.run.engine, cfg)
     run_id = f"{cfg.name}-{datetime.now():%Y%m%d-%H%M%S}-{secrets.token_hex(2)}"
     out = Path(output_dir) if output_dir else store.path.parent / run_id
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(cfg.model_dump(mode="json"), indent=2))
     counts = data.label_counts("train")
     clients = [(c.id, len(c.train_idx), len(c.test_idx), [int(v) for v in counts[c.id]]) for c in data.clients]
-    fed = Federation(cfg, data, model_factory, engine_obj, store, run_id, out)  # may refuse: before any record
+    try:
+        fed = Federation(cfg, data, model_factory, engine_obj, store, run_id, out)  # may refuse: before any record
+    except BaseException:
+        engine_obj.close()  # e.g. a local Ray it started
+        raise
     store.create_run(run_id, cfg.name, cfg.model_dump(mode="json"), cfg.run.seed, versions(), str(out.resolve()),
                      cfg.run.rounds, clients)
     return _drive(fed, store, run_id, 1, 0.0, callback, make_report)
@@ -131,8 +135,12 @@ def resume(run_id: str, *, rounds: int | None = None, runs_dir: str | os.PathLik
     last, ckpt = _last_good_checkpoint(store, rec)
     _set_threads(cfg)
     data, model_factory = prepare(cfg)
-    fed = Federation(cfg, data, model_factory, build_engine(cfg.run.engine, cfg), store, rec.run_id,
-                     Path(rec.output_dir))
+    engine_obj = build_engine(cfg.run.engine, cfg)
+    try:
+        fed = Federation(cfg, data, model_factory, engine_obj, store, rec.run_id, Path(rec.output_dir))
+    except BaseException:
+        engine_obj.close()
+        raise
     store.truncate_after(rec.run_id, last)
     if ckpt:
         fed.load_checkpoint(ckpt)

@@ -16,7 +16,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
-import os
 import pickle
 import re
 import socket
@@ -38,6 +37,7 @@ from ..data.federated import ClientData, FederatedData
 from ..errors import ConfigError
 from ..params import load_vector
 from .base import ClientFailure, ClientReply
+from .parallel import usable_cores
 
 if TYPE_CHECKING:
     from ..algorithms import Algorithm
@@ -254,8 +254,7 @@ class RayEngine:
                 if address:
                     ray.init(address=address, logging_level=logging.WARNING)
                 else:
-                    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-                    ray.init(num_cpus=run.workers or cores or 1, include_dashboard=False,
+                    ray.init(address="local", num_cpus=run.workers or usable_cores(), include_dashboard=False,
                              logging_level=logging.WARNING)
             except (ConnectionError, TimeoutError, RuntimeError) as e:
                 where = f"the Ray cluster at run.ray.address '{address}'" if address else "a local Ray"
@@ -324,11 +323,16 @@ class RayEngine:
         return out
 
     def _collect(self, task: ClientTask, ref: Any) -> ClientReply | ClientFailure:
+        errors = self.ray.exceptions
         try:
             result, seconds, error = self.ray.get(ref)
-        except self.ray.exceptions.RayError as e:  # the worker died or the task never ran: not the client's code
+        except errors.RayError as e:  # not the client's code (that is caught in the worker): Ray's side failed
+            died = (errors.WorkerCrashedError, errors.NodeDiedError, errors.OutOfMemoryError,
+                    errors.LocalRayletDiedError, errors.ObjectLostError)
+            why = ("its worker died (crash, out-of-memory kill or lost node)" if isinstance(e, died)
+                   else "Ray could not run it")
             return ClientFailure(task.client_id, f"{e}\n{type(e).__name__}: the Ray task of client {task.client_id} "
-                                 f"failed outside the client's code (worker crash, out-of-memory kill or lost node)")
+                                 f"failed outside the client's code: {why}")
         if error is not None:
             return ClientFailure(task.client_id, error)
         return ClientReply(result.payload, seconds, result.state)
