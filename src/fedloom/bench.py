@@ -5,7 +5,7 @@
 
 Why a plain loop: "s/round" alone says nothing about what the framework costs. The plain loop below is
 what a researcher writes by hand (deep-copy the global model per client, fresh SGD, shuffle with the
-client's generator, example-weighted average of the state dicts, test every round), drawing the same
+client's generator, example-weighted average of the clients' changes, test every round), drawing the same
 clients and the same per-client shuffles as fedloom, so it trains the same model: its final accuracy is
 printed next to the sequential engine's, and every engine's final weights are compared with it.
 
@@ -28,6 +28,7 @@ import importlib.util
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -106,7 +107,13 @@ def _plain_supported(cfg: ExperimentConfig) -> None:
 
 def plain_fedavg(cfg: ExperimentConfig, data: FederatedData, model_factory: Callable[[], torch.nn.Module],
                  warmup: int) -> dict[str, Any]:
-    """FedAvg as written by hand in PyTorch; same clients, shuffles and averaging weights as fedloom."""
+    """FedAvg as written by hand in PyTorch; same clients, shuffles and averaging weights as fedloom.
+
+    The average is taken over the clients' changes (global + sum_k n_k/n (w_k - global)), which is the same
+    model as averaging the clients' weights but rounds like fedloom does: the comparison is then exact
+    (bit-identical on T1 with the sequential engine), whereas weight averaging drifts by rounding that a
+    max-pooling CNN amplifies over rounds (T1: |dw| ~1e-3 and a few test images after 6 rounds).
+    """
     ds, t, seed = data.dataset, cfg.train, cfg.run.seed
     n, k = data.num_clients, cfg.clients_per_round()
     model = model_factory()
@@ -134,8 +141,9 @@ def plain_fedavg(cfg: ExperimentConfig, data: FederatedData, model_factory: Call
             states.append(local.state_dict())
             weights.append(len(idx))
         total = sum(weights)
-        model.load_state_dict({name: sum(w / total * st[name] for st, w in zip(states, weights, strict=True))
-                               for name in states[0]})
+        glob = model.state_dict()
+        model.load_state_dict({name: g + sum(w / total * (st[name] - g) for st, w in zip(states, weights, strict=True))
+                               for name, g in glob.items()})
         model.eval()
         with torch.no_grad():
             bs = cfg.eval.batch_size
@@ -153,6 +161,7 @@ def _timing(stamps: list[float], samples: list[int], warmup: int) -> dict[str, A
     per = [b - a for a, b in zip(stamps, stamps[1:], strict=False)][warmup:]
     secs = sum(per)
     return {"round_seconds": per, "seconds_per_round": secs / len(per) if per else None,
+            "median_seconds_per_round": statistics.median(per) if per else None,
             "samples_per_second": sum(samples[warmup:]) / secs if secs > 0 else None,
             "timed_rounds": len(per)}
 
@@ -459,7 +468,8 @@ def _record(common: dict[str, Any], engine: str, res: dict[str, Any], status: st
             plain_sec: float | None, plain_acc: float | None, diff: float | None) -> dict[str, Any]:
     sec = res.get("seconds_per_round")
     return {**common, "engine": engine, "engine_used": res.get("engine_used", engine), "status": status,
-            "error": why, "seconds_per_round": sec, "plain_seconds_per_round": plain_sec,
+            "error": why, "seconds_per_round": sec, "median_seconds_per_round": res.get("median_seconds_per_round"),
+            "plain_seconds_per_round": plain_sec,
             "ratio_to_plain": sec / plain_sec if sec and plain_sec else None,
             "samples_per_second": res.get("samples_per_second"), "round_seconds": res.get("round_seconds"),
             "peak_rss_mb": res.get("peak_rss_mb"), "peak_rss_self_mb": res.get("peak_rss_self_mb"),

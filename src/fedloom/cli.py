@@ -209,15 +209,15 @@ def datasets(data_dir: Annotated[Path | None, typer.Option("--data-dir")] = None
 def bench(
     tasks: Annotated[str, typer.Option(help="comma-separated: T1 (Fashion-MNIST, 100 clients, simple-cnn), T2 "
                                        "(10,000 clients, mlp), tiny (seconds, bundled data); '' for none")] = "T1,T2",
-    engines: Annotated[str | None, typer.Option(help="comma-separated engines [default: sequential, parallel, "
-                                                "vectorized, ray if installed]")] = None,
+    engines: Annotated[str | None, typer.Option(help="comma-separated engines (default: sequential, parallel, "
+                                                "vectorized, ray if installed)")] = None,
     rounds: Annotated[int, typer.Option(help="timed rounds per measurement")] = 5,
     warmup: Annotated[int, typer.Option(help="untimed warm-up rounds before them")] = 1,
     json_path: Annotated[Path | None, typer.Option("--json", help="write the records to this JSON file")] = None,
     scale: Annotated[bool, typer.Option("--scale", help="also time T2-style training at 1,000 and 100,000 "
                                         "clients on the fastest T2 engine (peak RSS ratio)")] = False,
-    scale_engine: Annotated[str | None, typer.Option(help="engine for --scale [default: fastest on T2, "
-                                                     "else vectorized]")] = None,
+    scale_engine: Annotated[str | None, typer.Option(help="engine for --scale (default: fastest on T2, "
+                                                     "else vectorized)")] = None,
     data_dir: Annotated[Path | None, typer.Option("--data-dir", help="where the datasets are")] = None,
     threads: Annotated[int, typer.Option(help="torch threads (0 = all cores)")] = 0,
 ) -> None:
