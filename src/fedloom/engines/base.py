@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+import traceback
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -38,3 +40,13 @@ class Engine(Protocol):
     def fit(self, runtime: ClientRuntime, tasks: list[ClientTask]) -> list[ClientReply | ClientFailure]: ...
 
     def close(self) -> None: ...
+
+
+def run_task(runtime: ClientRuntime, task: ClientTask) -> ClientReply | ClientFailure:
+    """One client task wherever it runs: its reply timed, or its failure with the client's own traceback."""
+    t0 = time.perf_counter()
+    try:
+        result = runtime.run(task)
+    except Exception:  # noqa: BLE001 - the round logic decides: fail the round or drop the client
+        return ClientFailure(task.client_id, traceback.format_exc())
+    return ClientReply(result.payload, time.perf_counter() - t0, result.state)

@@ -15,15 +15,13 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
-import time
-import traceback
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 
 import torch
 
 from ..client.work import ClientRuntime, ClientTask
-from .base import ClientFailure, ClientReply
+from .base import ClientFailure, ClientReply, run_task
 
 _runtime: ClientRuntime | None = None  # set in each worker by the fork
 
@@ -36,12 +34,7 @@ def _init_worker(runtime: ClientRuntime, threads: int) -> None:
 
 def _run(task: ClientTask) -> ClientReply | ClientFailure:
     assert _runtime is not None
-    t0 = time.perf_counter()
-    try:
-        result = _runtime.run(task)
-    except Exception:  # noqa: BLE001 - the client's own traceback goes back to the round logic
-        return ClientFailure(task.client_id, traceback.format_exc())
-    return ClientReply(result.payload, time.perf_counter() - t0, result.state)
+    return run_task(_runtime, task)
 
 
 def usable_cores() -> int:

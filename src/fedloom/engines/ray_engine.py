@@ -19,7 +19,6 @@ import logging
 import pickle
 import re
 import socket
-import time
 import traceback
 import uuid
 import warnings
@@ -30,13 +29,13 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from ..client.work import ClientResult, ClientRuntime, ClientTask
+from ..client.work import ClientRuntime, ClientTask
 from ..config import EvalConfig, RayConfig, RunConfig, TrainConfig
 from ..data.datasets import Dataset
 from ..data.federated import ClientData, FederatedData
 from ..errors import ConfigError
 from ..params import load_vector
-from .base import ClientFailure, ClientReply
+from .base import ClientFailure, ClientReply, run_task
 from .parallel import usable_cores
 
 if TYPE_CHECKING:
@@ -117,9 +116,8 @@ def _worker_runtime(token: str, recipe_ref: Any) -> ClientRuntime:
     return runtime
 
 
-def run_client(token: str, refs: list[Any], task: ClientTask, threads: int
-               ) -> tuple[ClientResult | None, float, str | None]:
-    """One client task in a Ray worker: (result, seconds, None), or (None, 0, the client's traceback).
+def run_client(token: str, refs: list[Any], task: ClientTask, threads: int) -> ClientReply | ClientFailure:
+    """One client task in a Ray worker: its reply, or its failure with the client's own traceback.
 
     `refs` is [recipe, broadcast] wrapped in a list so that Ray passes the references instead of
     resolving them: the recipe is fetched only when this worker has not rebuilt the runtime yet.
@@ -131,11 +129,9 @@ def run_client(token: str, refs: list[Any], task: ClientTask, threads: int
         torch.set_num_threads(threads)
         runtime = _worker_runtime(token, refs[0])
         task = dataclasses.replace(task, broadcast=ray.get(refs[1]))
-        t0 = time.perf_counter()
-        result = runtime.run(task)
-        return result, time.perf_counter() - t0, None
-    except Exception:  # noqa: BLE001 - formatted here, in the worker, so the client's own frames are kept
-        return None, 0.0, traceback.format_exc()
+    except Exception:  # noqa: BLE001 - formatted here, in the worker, so the worker's own frames are kept
+        return ClientFailure(task.client_id, traceback.format_exc())
+    return run_task(runtime, task)
 
 
 # ---- resources ----------------------------------------------------------------------------------------
@@ -325,7 +321,7 @@ class RayEngine:
     def _collect(self, task: ClientTask, ref: Any) -> ClientReply | ClientFailure:
         errors = self.ray.exceptions
         try:
-            result, seconds, error = self.ray.get(ref)
+            return self.ray.get(ref)
         except errors.RayError as e:  # not the client's code (that is caught in the worker): Ray's side failed
             died = (errors.WorkerCrashedError, errors.NodeDiedError, errors.OutOfMemoryError,
                     errors.LocalRayletDiedError, errors.ObjectLostError)
@@ -333,9 +329,6 @@ class RayEngine:
                    else "Ray could not run it")
             return ClientFailure(task.client_id, f"{e}\n{type(e).__name__}: the Ray task of client {task.client_id} "
                                  f"failed outside the client's code: {why}")
-        if error is not None:
-            return ClientFailure(task.client_id, error)
-        return ClientReply(result.payload, seconds, result.state)
 
     def close(self) -> None:
         self._runtime = self._recipe_ref = None
