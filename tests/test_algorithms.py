@@ -83,7 +83,7 @@ def test_scaffold_with_zero_control_variates_is_fedavg_then_corrects(tmp_path):
     # SCAFFOLD broadcasts [x, c] and clients send [Δy, Δc]: twice FedAvg's payload
     d = sca.params.numel()
     assert wire.decode(sca.broadcast(2)).vector.numel() == 2 * d
-    assert wire.decode(sca.runtime.run(ClientTask(2, 0, 0.1, 3, sca.broadcast(2))).payload).vector.numel() == 2 * d
+    assert sca.runtime.run(ClientTask(2, 0, 0.1, 3, sca.broadcast(2))).message.vector.numel() == 2 * d
     # c = mean of the c_i when every client took part from zero state
     mean_ci = torch.stack([sca.client_states[i]["c"] for i in range(3)]).mean(0)
     assert torch.allclose(sca.alg_state["c"], mean_ci, atol=1e-6)
@@ -184,7 +184,7 @@ def test_fedbn_keeps_normalization_layers_home(tmp_path):
     assert torch.equal(fed.params[bn], init[bn])  # the server never sees them
     locals_ = [fed.client_states[c]["local"][bn] for c in range(3)]
     assert not torch.allclose(locals_[0], locals_[1])  # each client's own statistics
-    sent = wire.decode(fed.runtime.run(ClientTask(2, 0, 0.1, 3, fed.broadcast(2))).payload)
+    sent = fed.runtime.run(ClientTask(2, 0, 0.1, 3, fed.broadcast(2))).message
     assert sent.vector.numel() == int(fed.shared.sum()) and out.row["bytes_up"] < ref.row["bytes_up"]
     fed.run_round(2)  # round 2 starts every client from its own normalization layers
     assert not torch.allclose(fed.client_states[0]["local"][bn], locals_[0])
@@ -295,7 +295,7 @@ def test_scaffold_local_step_is_the_papers_corrected_sgd(tmp_path):
     fed.run_round(1)
     c, c_i = fed.alg_state["c"], fed.client_states[0]["c"]
     broadcast = fed.broadcast(2)
-    got = wire.decode(fed.runtime.run(ClientTask(2, 0, 0.1, 3, broadcast, state=fed.client_states[0])).payload)
+    got = fed.runtime.run(ClientTask(2, 0, 0.1, 3, broadcast, state=fed.client_states[0])).message
 
     model = copy.deepcopy(fed.model)
     names = [n for n, _ in model.named_parameters()]

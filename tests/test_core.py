@@ -98,3 +98,48 @@ def test_rng_streams_are_deterministic_and_distinct():
     assert derive_seed(0, "select", 1) != derive_seed(0, "select", 2)
     assert derive_seed(0, "select", 1) != derive_seed(1, "select", 1)
     assert numpy_rng(3, "x").integers(1 << 30) == numpy_rng(3, "x").integers(1 << 30)
+
+
+def test_passthrough_hands_over_the_vector_and_counts_the_exact_encoded_size():
+    vec = torch.randn(1000)
+    msg = wire.Message("update", 3, 7, "abc", vec, 12, {"loss": 0.123456789, "steps": 4, "bad": float("nan")})
+    got, nbytes = wire.passthrough(msg)
+    assert nbytes == len(wire.encode(msg))
+    assert got.vector is not None and got.vector.data_ptr() == vec.data_ptr()  # lossless: no copy
+    decoded = wire.decode(wire.encode(msg))
+    assert (got.round, got.client_id, got.num_examples) == (decoded.round, decoded.client_id, decoded.num_examples)
+    assert got.metrics["loss"] == decoded.metrics["loss"] and np.isnan(got.metrics["bad"])
+
+
+def test_passthrough_really_encodes_a_codec_it_cannot_skip(monkeypatch):
+    from fedloom.pipeline import codecs
+
+    half = codecs.Codec("f16", lambda v: v.to(torch.float16).numpy().tobytes(),
+                        lambda b, n: torch.from_numpy(np.frombuffer(b, dtype=np.float16).astype(np.float32)))
+    monkeypatch.setitem(codecs.CODECS, "f16", half)
+    vec = torch.tensor([1.0001, 2.0, 3.0])
+    msg = wire.Message("update", 1, 0, "abc", vec, 1, {}, codec="f16")
+    got, nbytes = wire.passthrough(msg)
+    assert nbytes == len(wire.encode(msg))
+    assert torch.equal(got.vector, vec.to(torch.float16).float())  # the codec's loss is applied
+
+
+def test_stack_rows_is_zero_copy_for_rows_of_one_matrix_and_reuses_a_free_buffer():
+    from fedloom.params import ReusedBuffer, stack_rows
+
+    m = torch.randn(5, 8)
+    s = stack_rows([m[i] for i in range(5)])
+    assert s.data_ptr() == m.data_ptr() and torch.equal(s, m)
+    assert torch.equal(stack_rows([m[i] for i in (0, 2, 1)]), m[[0, 2, 1]])  # not consecutive: copied
+    buf = ReusedBuffer()
+    rows = [torch.randn(8) for _ in range(3)]
+    first = stack_rows(rows, buf)
+    ptr = first.data_ptr()
+    assert torch.equal(first, torch.stack(rows))
+    held = first  # still referenced: the next round must not overwrite it
+    second = stack_rows([r + 1 for r in rows], buf)
+    assert second.data_ptr() != ptr and torch.equal(held, torch.stack(rows))
+    ptr = second.data_ptr()
+    del first, held, second  # nothing refers to it now: reused
+    third = stack_rows(rows, buf)
+    assert third.data_ptr() == ptr and torch.equal(third, torch.stack(rows))

@@ -55,8 +55,9 @@ def _train(fed: Federation, rounds: int = 2):
 
 @pytest.mark.parametrize("engine", ["parallel", "vectorized"])
 @pytest.mark.parametrize("over", [{}, {"server__algorithm": "fedprox", "server__mu": 0.1},
-                                  {"train__local_epochs": 1, "train__local_epochs_max": 3}],
-                         ids=["fedavg", "fedprox", "unequal-work"])
+                                  {"train__local_epochs": 1, "train__local_epochs_max": 3},
+                                  {"train__local_steps": 1}],
+                         ids=["fedavg", "fedprox", "unequal-work", "one-step"])
 def test_engine_equals_sequential(tmp_path, engine, over):
     data = _images()
     ref, ref_rows = _train(_fed(tmp_path, "sequential", data, **over))
@@ -68,6 +69,53 @@ def test_engine_equals_sequential(tmp_path, engine, over):
         assert abs(a["bytes_up"] - b["bytes_up"]) <= 4 * a["num_clients"] and a["num_clients"] == b["num_clients"]
         assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-5)
         assert a["test_accuracy"] == b["test_accuracy"]
+
+
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+def test_vectorized_in_small_groups_with_reordered_rows_and_an_empty_client(tmp_path, monkeypatch, momentum):
+    """Groups of 2 (forced), clients sorted by step count so a group's rows are not consecutive, and one
+    client without data: the same round as sequential, and the per-client statistics match too."""
+    from fedloom.engines import vectorized
+
+    data = _images(sizes=(40, 0, 9, 33, 17))
+    over = {"model": "mlp", "train__momentum": momentum, "eval__federated": False}
+    ref, ref_rows = _train(_fed(tmp_path, "sequential", data, **over))
+    fed = _fed(tmp_path, "vectorized", data, **over)
+    monkeypatch.setattr(vectorized, "GROUP_BYTES", 2 * 4 * fed.spec.size)
+    got, rows = _train(fed)
+    assert torch.allclose(ref, got, atol=1e-5), (ref - got).abs().max()
+    for a, b in zip(ref_rows, rows, strict=True):
+        assert a["num_clients"] == b["num_clients"] == 4  # the empty client sends no update
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-5)
+        for k in ("update_norm_mean", "cosine_mean", "aggregate_norm"):
+            assert a["metrics"][k] == pytest.approx(b["metrics"][k], rel=1e-4)
+        for ca, cb in zip(a["clients"], b["clients"], strict=True):
+            assert ca["client_id"] == cb["client_id"]
+            for k in ("update_norm", "update_std", "cosine"):
+                assert ca[k] == pytest.approx(cb[k], rel=1e-4, abs=1e-7)
+
+
+def test_update_statistics_match_per_client_torch(tmp_path):
+    fed = _fed(tmp_path, "sequential", _images(), model="mlp")
+    out = fed.run_round(1)
+    fed.engine.close()
+    fits = [c for c in out.row["clients"] if c["kind"] == "fit"]
+    tasks = list(range(4))
+    assert [c["client_id"] for c in fits] == tasks
+    from fedloom.client.work import ClientTask
+
+    start = fed.runtime.initial.clone()
+    fed.params = start
+    broadcast = fed.broadcast(1)
+    ups = [fed.runtime.run(ClientTask(1, c, 0.05, 5, broadcast)).message.vector for c in tasks]
+    u = torch.stack(ups)
+    w = torch.tensor([c["num_examples"] for c in fits], dtype=torch.float64)
+    agg = ((w / w.sum()).float() @ u)
+    for row, v in zip(fits, ups, strict=True):
+        assert row["update_norm"] == pytest.approx(float(v.norm()), rel=1e-5)
+        assert row["update_mean"] == pytest.approx(float(v.mean()), rel=1e-4, abs=1e-9)
+        assert row["update_std"] == pytest.approx(float(v.std()), rel=1e-4)
+        assert row["cosine"] == pytest.approx(float(v @ agg / (v.norm() * agg.norm())), rel=1e-4)
 
 
 def test_parallel_keeps_client_state_like_sequential(tmp_path):

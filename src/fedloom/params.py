@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -94,6 +95,42 @@ def model_vector(model: torch.nn.Module, spec: ParamSpec) -> torch.Tensor:
 
 def load_vector(model: torch.nn.Module, spec: ParamSpec, vec: torch.Tensor) -> None:
     model.load_state_dict(spec.unflatten(vec), strict=True)
+
+
+class ReusedBuffer:
+    """A tensor handed out again on the next call if nothing else refers to it any more (a view of it holds a
+    reference). A round's stacked updates can be 100 MB, and a fresh allocation that size costs more in page
+    faults than the arithmetic done on it."""
+
+    def __init__(self) -> None:
+        self._tensor: torch.Tensor | None = None
+
+    def get(self, *shape: int) -> torch.Tensor:
+        t, self._tensor = self._tensor, None
+        if t is None or t.shape != shape or sys.getrefcount(t) > 2:  # 2: `t` and getrefcount's argument
+            t = torch.empty(shape)
+        self._tensor = t
+        return t
+
+    def clear(self) -> None:
+        self._tensor = None
+
+
+def stack_rows(rows: list[torch.Tensor], buffer: ReusedBuffer | None = None) -> torch.Tensor:
+    """`torch.stack(rows)` of equal-length float32 vectors, without copying when they already are consecutive
+    rows of one contiguous matrix (the vectorized engine's updates), else into `buffer` when given."""
+    first = rows[0]
+    n, k = first.numel(), len(rows)
+    step = n * first.element_size()
+    if first.dim() == 1 and all(
+        r.dim() == 1 and r.numel() == n and r.dtype == first.dtype and r.is_contiguous()
+        and r.untyped_storage().data_ptr() == first.untyped_storage().data_ptr()
+        and r.data_ptr() == first.data_ptr() + i * step for i, r in enumerate(rows)
+    ):
+        return first.as_strided((k, n), (n, 1))
+    if buffer is None or first.dtype != torch.float32:
+        return torch.stack(rows)
+    return torch.stack(rows, out=buffer.get(k, n))
 
 
 def save_tensors(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor], metadata: dict | None = None) -> None:

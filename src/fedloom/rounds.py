@@ -27,7 +27,7 @@ from .engines import ClientFailure, Engine
 from .errors import ClientError
 from .evaluation import Predictions, predict
 from .metrics import fairness, spread
-from .params import ParamSpec, load_tensors, load_vector, model_vector, save_tensors
+from .params import ParamSpec, ReusedBuffer, load_tensors, load_vector, model_vector, save_tensors, stack_rows
 from .pipeline import wire
 from .rng import numpy_rng
 from .store import RunStore
@@ -61,6 +61,7 @@ class Federation:
         self.client_states: dict[int, dict[str, torch.Tensor]] = {}  # kept for the clients, never aggregated
         self.personalized = self.algorithm.personalizes or cfg.eval.finetune_epochs > 0
         self.train_losses: list[float] = []
+        self._updates = ReusedBuffer()  # the round's stacked updates
 
     def _shared(self, vec: torch.Tensor) -> torch.Tensor:
         return vec if self.shared is None else vec[self.shared]
@@ -132,9 +133,11 @@ class Federation:
         t = self.cfg.train
         work, dropped = {}, []
         for c in selected:
-            rng = numpy_rng(self.cfg.run.seed, "work", round_, c)
-            epochs = int(rng.integers(t.local_epochs, t.local_epochs_max + 1)) if t.local_epochs_max else t.local_epochs
-            work[c] = (epochs, t.local_steps)
+            if t.local_epochs_max:
+                rng = numpy_rng(self.cfg.run.seed, "work", round_, c)
+                work[c] = (int(rng.integers(t.local_epochs, t.local_epochs_max + 1)), t.local_steps)
+            else:
+                work[c] = (t.local_epochs, t.local_steps)
         k = round(t.straggler_fraction * len(selected))
         if k:  # FedProx's systems heterogeneity: stragglers finish 1..E epochs (or 1..S steps), uniformly
             for c in numpy_rng(self.cfg.run.seed, "stragglers", round_).choice(selected, k, replace=False):
@@ -165,9 +168,9 @@ class Federation:
                     raise ClientError(round_, res.client_id, res.traceback)
                 failed.append(res.client_id)
                 continue
-            msg = wire.decode(res.payload, expect_spec=self.spec.hash())
+            msg = res.message
             msg.metrics["seconds"] = res.seconds
-            messages.append((len(res.payload), msg))
+            messages.append((res.nbytes, msg))
             if res.state is not None:
                 new_states[msg.client_id] = res.state
         bytes_down = len(broadcast) * len(tasks)
@@ -177,14 +180,14 @@ class Federation:
             raise ClientError(round_, -1, "no client returned an update with at least one example")
 
         t1 = time.perf_counter()
-        updates = torch.stack([m.vector for _, m in messages])
+        updates = stack_rows([m.vector for _, m in messages], self._updates)
         num_examples = [m.num_examples for _, m in messages]
         agg, alg_state = self.algorithm.aggregate(updates, num_examples, [m.metrics for _, m in messages],
                                                   self.alg_state, lr)
         size = agg.numel()
-        client_rows, stats = self._update_stats(messages, updates[:, :size], agg)
+        client_rows, stats, finite = self._update_stats(messages, updates[:, :size], agg)
         train_loss = float(np.average([m.metrics["loss"] for _, m in messages], weights=num_examples))
-        stop = self._non_finite(round_, messages, agg, train_loss)
+        stop = self._non_finite(round_, messages, finite, agg, train_loss)
         updated = stop is None
         if updated:
             if self.shared is not None:
@@ -215,23 +218,33 @@ class Federation:
         return RoundOutcome(round_, row | {"clients": client_rows}, stop, updated, failed)
 
     def _update_stats(self, messages, updates: torch.Tensor, agg: torch.Tensor):
-        norms = updates.norm(dim=1)
+        """Per-client update statistics, computed for all clients at once: one pass each for the norms, the
+        sums and the projections on the aggregate (the std follows from the norm and the sum)."""
+        norms = torch.linalg.vector_norm(updates, dim=1)
         agg_norm = agg.norm()
-        cos = (updates @ agg) / (norms * agg_norm).clamp(min=1e-12)
+        sums = updates.sum(dim=1).double()
+        dots = updates @ agg
+        d = updates.shape[1]
+        mean = sums / d
+        std = ((norms.double() ** 2 - d * mean**2) / max(d - 1, 1)).clamp(min=0).sqrt()
+        cos = dots / (norms * agg_norm).clamp(min=1e-12)
+        cols = zip(norms.tolist(), mean.tolist(), std.tolist(), cos.tolist(), strict=True)
         rows = [
             {"client_id": m.client_id, "kind": "fit", "num_examples": m.num_examples, "loss": m.metrics["loss"],
-             "update_norm": float(norms[i]), "update_mean": float(updates[i].mean()),
-             "update_std": float(updates[i].std()), "cosine": float(cos[i]), "bytes_up": n,
+             "update_norm": nm, "update_mean": mu, "update_std": sd, "cosine": c, "bytes_up": n,
              "seconds": m.metrics.get("seconds")}
-            for i, (n, m) in enumerate(messages)
+            for (n, m), (nm, mu, sd, c) in zip(messages, cols, strict=True)
         ]
         stats = {"update_norm_mean": float(norms.mean()), "update_norm_max": float(norms.max()),
                  "cosine_mean": float(cos.mean()), "aggregate_norm": float(agg_norm)}
-        return rows, stats
+        return rows, stats, torch.isfinite(norms).tolist()
 
-    def _non_finite(self, round_: int, messages, agg: torch.Tensor, train_loss: float) -> str | None:
-        bad = [m.client_id for _, m in messages if not torch.isfinite(m.vector).all()
-               or not math.isfinite(m.metrics["loss"])]
+    def _non_finite(self, round_: int, messages, finite: list[bool], agg: torch.Tensor,
+                    train_loss: float) -> str | None:
+        """A client whose update norm is not finite (a NaN or Inf in it, or values past float32's range) or
+        whose loss is not, refuses the round."""
+        bad = [m.client_id for (_, m), ok in zip(messages, finite, strict=True)
+               if not ok or not math.isfinite(m.metrics["loss"])]
         if bad or not torch.isfinite(agg).all() or not math.isfinite(train_loss):
             who = f"clients {bad}" if bad else "the aggregate"
             return (f"diverged in round {round_}: {who} produced NaN/Inf, so the global model was not updated; "
@@ -279,7 +292,7 @@ class Federation:
                 if self.cfg.run.on_client_error == "fail":
                     raise ClientError(round_, res.client_id, res.traceback)
                 continue
-            msg = wire.decode(res.payload, expect_spec=self.spec.hash())
+            msg = res.message
             rows.append({"client_id": msg.client_id, "kind": "personal", "num_examples": msg.num_examples,
                          "loss": msg.metrics["loss"], "accuracy": msg.metrics["accuracy"],
                          "macro_f1": msg.metrics["macro_f1"], "seconds": res.seconds})

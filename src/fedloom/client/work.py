@@ -1,7 +1,8 @@
-"""The unit of client work an engine executes: broadcast bytes in, update bytes out.
+"""The unit of client work an engine executes: broadcast bytes in, an update message out.
 
-Engines differ only in where `ClientRuntime.run` executes; they all pass it the same `ClientTask` and get
-back the same wire bytes, so every engine computes the same round. A client's own state (SCAFFOLD's c_i,
+Engines differ only in where `ClientRuntime.run` executes and how its message travels back (as is in
+process, as wire bytes across processes); they all pass it the same `ClientTask` and get back the same
+message, so every engine computes the same round. A client's own state (SCAFFOLD's c_i,
 Ditto's personal model, FedBN's normalization layers) travels with the task and comes back with the
 result: in a deployment it never leaves the client, and in simulation the round logic keeps it for it.
 """
@@ -43,7 +44,7 @@ class ClientTask:
 
 @dataclass
 class ClientResult:
-    payload: bytes
+    message: wire.Message
     state: State | None = None  # the client's new state (fit tasks of stateful algorithms)
 
 
@@ -88,7 +89,7 @@ class ClientRuntime:
         out = self.algorithm.client_fit(self.context(task))
         msg = wire.Message("update", task.round, task.client_id, self.spec_hash, out.update, out.num_examples,
                            out.metrics)
-        return ClientResult(wire.encode(msg), out.state)
+        return ClientResult(msg, out.state)
 
     def evaluate(self, task: ClientTask) -> ClientResult:
         """Personalize (the algorithm's way, then optional fine-tuning) and test on the local test split."""
@@ -104,4 +105,4 @@ class ClientRuntime:
         summary = predict(self.model, ds, ds.x_test[idx], ds.y_test[idx], ev.batch_size).summary(ds.num_classes)
         msg = wire.Message("evaluation", task.round, task.client_id, self.spec_hash, torch.zeros(0),
                            int(summary["num_examples"]), summary)
-        return ClientResult(wire.encode(msg))
+        return ClientResult(msg)

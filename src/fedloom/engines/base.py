@@ -1,4 +1,4 @@
-"""What every engine provides: run a batch of client tasks, return each one's bytes or its failure."""
+"""What every engine provides: run a batch of client tasks, return each one's message or its failure."""
 
 from __future__ import annotations
 
@@ -10,18 +10,31 @@ from typing import Protocol
 import torch
 
 from ..client.work import ClientRuntime, ClientTask
+from ..pipeline import wire
 
 
 @dataclass
 class ClientReply:
-    """A client's update bytes, and the seconds its work took as the engine measured them.
+    """A client's message as the server receives it, its size on the wire, and the seconds its work took.
 
-    Timing stays out of the bytes so that the bytes, and so the measured communication, are deterministic.
+    A reply that crosses a process or machine boundary travels packed, as the wire bytes themselves, and
+    the engine `unpack`s it on arrival; in process the message is handed over by `wire.passthrough`.
+    Either way `nbytes` is the exact encoded size. Timing stays out of the bytes so that the bytes, and so
+    the measured communication, are deterministic.
     """
 
-    payload: bytes
+    message: wire.Message | None
+    nbytes: int
     seconds: float
     state: dict[str, torch.Tensor] | None = None  # the client's new private state, if its algorithm keeps one
+    payload: bytes | None = None  # the wire bytes, while packed
+
+    def unpack(self, spec_hash: str) -> ClientReply:
+        if self.message is not None:
+            return self
+        assert self.payload is not None
+        return ClientReply(wire.decode(self.payload, expect_spec=spec_hash), len(self.payload), self.seconds,
+                           self.state)
 
 
 @dataclass
@@ -42,11 +55,23 @@ class Engine(Protocol):
     def close(self) -> None: ...
 
 
-def run_task(runtime: ClientRuntime, task: ClientTask) -> ClientReply | ClientFailure:
-    """One client task wherever it runs: its reply timed, or its failure with the client's own traceback."""
+def run_task(runtime: ClientRuntime, task: ClientTask, packed: bool = False) -> ClientReply | ClientFailure:
+    """One client task wherever it runs: its reply timed, or its failure with the client's own traceback.
+
+    `packed`: the reply leaves this process (worker processes, Ray), so it carries the encoded bytes.
+    """
     t0 = time.perf_counter()
     try:
         result = runtime.run(task)
+        if packed:
+            data = wire.encode(result.message)
+            message, nbytes, payload = None, len(data), data
+        else:
+            (message, nbytes), payload = wire.passthrough(result.message), None
     except Exception:  # noqa: BLE001 - the round logic decides: fail the round or drop the client
         return ClientFailure(task.client_id, traceback.format_exc())
-    return ClientReply(result.payload, time.perf_counter() - t0, result.state)
+    return ClientReply(message, nbytes, time.perf_counter() - t0, result.state, payload)
+
+
+def unpacked(replies: list[ClientReply | ClientFailure], spec_hash: str) -> list[ClientReply | ClientFailure]:
+    return [r.unpack(spec_hash) if isinstance(r, ClientReply) else r for r in replies]

@@ -21,7 +21,7 @@ from concurrent.futures.process import BrokenProcessPool
 import torch
 
 from ..client.work import ClientRuntime, ClientTask
-from .base import ClientFailure, ClientReply, run_task
+from .base import ClientFailure, ClientReply, run_task, unpacked
 
 _runtime: ClientRuntime | None = None  # set in each worker by the fork
 
@@ -34,7 +34,7 @@ def _init_worker(runtime: ClientRuntime, threads: int) -> None:
 
 def _run(task: ClientTask) -> ClientReply | ClientFailure:
     assert _runtime is not None
-    return run_task(_runtime, task)
+    return run_task(_runtime, task, packed=True)
 
 
 def usable_cores() -> int:
@@ -85,7 +85,7 @@ class ParallelEngine:
                     self.close()
                     out[i] = ClientFailure(task.client_id, f"the worker process training client {task.client_id} "
                                            "died (killed, or out of memory) before it finished")
-        return [r for r in out if r is not None]
+        return unpacked([r for r in out if r is not None], runtime.spec_hash)
 
     def close(self) -> None:
         if self._pool is not None:

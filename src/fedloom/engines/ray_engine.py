@@ -35,7 +35,7 @@ from ..data.datasets import Dataset
 from ..data.federated import ClientData, FederatedData
 from ..errors import ConfigError
 from ..params import load_vector
-from .base import ClientFailure, ClientReply, run_task
+from .base import ClientFailure, ClientReply, run_task, unpacked
 from .parallel import usable_cores
 
 if TYPE_CHECKING:
@@ -131,7 +131,7 @@ def run_client(token: str, refs: list[Any], task: ClientTask, threads: int) -> C
         task = dataclasses.replace(task, broadcast=ray.get(refs[1]))
     except Exception:  # noqa: BLE001 - formatted here, in the worker, so the worker's own frames are kept
         return ClientFailure(task.client_id, traceback.format_exc())
-    return run_task(runtime, task)
+    return run_task(runtime, task, packed=True)
 
 
 # ---- resources ----------------------------------------------------------------------------------------
@@ -316,7 +316,7 @@ class RayEngine:
             for ref in refs:
                 ray.cancel(ref)
             raise
-        return out
+        return unpacked(out, runtime.spec_hash)
 
     def _collect(self, task: ClientTask, ref: Any) -> ClientReply | ClientFailure:
         errors = self.ray.exceptions

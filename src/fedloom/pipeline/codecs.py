@@ -18,6 +18,9 @@ class Codec:
     name: str
     encode: Callable[[torch.Tensor], bytes]
     decode: Callable[[bytes, int], torch.Tensor]
+    # For a lossless codec whose size depends only on the vector's length: payload bytes for n values. In
+    # process, `wire.passthrough` then hands the vector over as is and counts exactly these bytes.
+    lossless_size: Callable[[int], int] | None = None
 
 
 def _encode_f32(vec: torch.Tensor) -> bytes:
@@ -30,7 +33,7 @@ def _decode_f32(payload: bytes, size: int) -> torch.Tensor:
     return torch.from_numpy(np.frombuffer(payload, dtype="<f4").astype(np.float32))
 
 
-CODECS: dict[str, Codec] = {"f32": Codec("f32", _encode_f32, _decode_f32)}
+CODECS: dict[str, Codec] = {"f32": Codec("f32", _encode_f32, _decode_f32, lambda n: 4 * n)}
 
 
 def get_codec(name: str) -> Codec:

@@ -3,8 +3,10 @@
     b"FLW1" | u32 little-endian header length | header (UTF-8 JSON) | payload (codec-encoded vector)
 
 The header carries the codec, the ParamSpec hash (a client with another model is refused), the round,
-the client id, the number of examples and the client's metrics. Simulation passes these same bytes, so
-`len(message)` is the communication cost, measured rather than estimated.
+the client id, the number of examples and the client's metrics. `len(message)` is the communication cost,
+measured rather than estimated. Messages that cross a process or machine boundary travel as these bytes;
+in process, `passthrough` gives the receiver what decoding would (the same vector, for a lossless codec
+without copying it) and the exact number of bytes the encoding has.
 """
 
 from __future__ import annotations
@@ -34,17 +36,37 @@ class Message:
     codec: str = "f32"
 
 
-def encode(msg: Message) -> bytes:
-    payload = get_codec(msg.codec).encode(msg.vector)
-    header = json.dumps(
+def _header(msg: Message, payload_bytes: int) -> bytes:
+    return json.dumps(
         {
             "kind": msg.kind, "codec": msg.codec, "spec": msg.spec_hash, "round": msg.round,
             "client": msg.client_id, "num_examples": msg.num_examples, "metrics": msg.metrics,
-            "size": int(msg.vector.numel()), "payload_bytes": len(payload),
+            "size": int(msg.vector.numel()), "payload_bytes": payload_bytes,
         },
         separators=(",", ":"),
     ).encode()
+
+
+def encode(msg: Message) -> bytes:
+    payload = get_codec(msg.codec).encode(msg.vector)
+    header = _header(msg, len(payload))
     return MAGIC + _LEN.pack(len(header)) + header + payload
+
+
+def passthrough(msg: Message) -> tuple[Message, int]:
+    """(what the receiver decodes, len(encode(msg))) for a message that stays in this process.
+
+    A lossless codec's vector is handed over as is (float32), its size computed from the header and the
+    codec; any other codec is really encoded and decoded, so its loss is applied and its bytes counted.
+    """
+    codec = get_codec(msg.codec)
+    if codec.lossless_size is None or msg.vector.dtype != torch.float32:
+        data = encode(msg)
+        return decode(data), len(data)
+    vec = msg.vector.detach()
+    out = Message(msg.kind, msg.round, msg.client_id, msg.spec_hash, vec, msg.num_examples, dict(msg.metrics),
+                  msg.codec)
+    return out, 8 + len(_header(msg, codec.lossless_size(vec.numel()))) + codec.lossless_size(vec.numel())
 
 
 def decode(data: bytes, expect_spec: str | None = None) -> Message:
