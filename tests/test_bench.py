@@ -58,6 +58,20 @@ def test_json_records_have_the_required_keys(tiny_run):
     assert seq["ratio_to_plain"] == pytest.approx(seq["seconds_per_round"] / seq["plain_seconds_per_round"])
 
 
+def test_repetitions_pool_the_rounds_and_report_the_ratio_range():
+    import statistics
+
+    records = bench.run_bench("tiny", "sequential", rounds=2, repeat=2, threads=1, isolate=False, quiet=True)
+    plain, seq = records
+    for r in records:
+        assert r["repeats"] == 2 and len(r["round_seconds"]) == 4  # two repetitions of two timed rounds
+        assert r["seconds_per_round"] == pytest.approx(statistics.median(r["round_seconds"]))
+    lo, hi = seq["ratio_range"]
+    assert 0 < lo <= hi
+    assert seq["ratio_to_plain"] == pytest.approx(seq["seconds_per_round"] / plain["seconds_per_round"])
+    assert seq["final_accuracy"] == plain["final_accuracy"]
+
+
 def test_unknown_engine_task_or_rounds_is_one_clear_error():
     with pytest.raises(ConfigError, match="unknown engine 'sequentail'") as e:
         bench.run_bench("tiny", "sequentail")

@@ -9,6 +9,10 @@ client's generator, example-weighted average of the clients' changes, test every
 clients and the same per-client shuffles as fedloom, so it trains the same model: its final accuracy is
 printed next to the sequential engine's, and every engine's final weights are compared with it.
 
+Seconds per round are the median timed round: this kind of machine (2 vCPUs) has slow spells in which a
+2-thread kernel takes twice as long, and `--repeat N` interleaves N measurements of everything so that
+they fall on all the contenders alike.
+
 Each measurement (the plain loop, and every engine) runs in a fresh process (`python -m fedloom.bench
 --one`), so its peak RSS is its own and not the sum of everything before it; engines with worker
 processes (parallel, ray) add their largest reaped child (`RUSAGE_CHILDREN`): an upper bound, since a
@@ -401,6 +405,7 @@ def run_bench(
     scale_task: BenchTask | None = None,
     data_dir: str | os.PathLike | None = None,
     threads: int = 0,
+    repeat: int = 1,
     isolate: bool = True,
     console: Any = None,
     quiet: bool = False,
@@ -409,6 +414,10 @@ def run_bench(
 
     Returns the records (also written to `json_path`): one per task x engine, one `plain` per task, one per
     scale population. `isolate=False` measures in this process (fast, for tests; peak RSS is then cumulative).
+    `repeat`: measure the plain loop and every engine this many times, interleaved (plain, engines, plain,
+    engines, ...), so that a slow spell of the machine falls on all of them; seconds per round are then the
+    median over every timed round of every repetition, and `ratio_range` the lowest and highest ratio of
+    one repetition's medians.
     """
     from rich.console import Console
 
@@ -416,8 +425,8 @@ def run_bench(
     engine_list = _resolve_engines(engines)
     if scale_engine is not None:
         _resolve_engines([scale_engine])
-    if rounds < 1 or warmup < 1 or scale_rounds < 1:
-        raise ConfigError("rounds, warmup and scale rounds must be >= 1 (the warm-up round is not timed)")
+    if rounds < 1 or warmup < 1 or scale_rounds < 1 or repeat < 1:
+        raise ConfigError("rounds, warmup, repeat and scale rounds must be >= 1 (the warm-up round is not timed)")
     if scale and (len(populations) < 1 or min(populations) < 1):
         raise ConfigError("scale populations must be >= 1 client")
     data_dir_s = str(data_dir) if data_dir else None
@@ -439,28 +448,31 @@ def run_bench(
         for task in task_list:
             cfg = configs[task.key]
             common = {"task": task.key, "task_label": task.label, "rounds": rounds, "warmup_rounds": warmup,
-                      "clients": cfg.data.num_clients, "clients_per_round": cfg.clients_per_round(),
-                      "model": cfg.model.name, "rss_isolated": isolate, **machine}
-            plain_params = workdir / f"{task.key}-plain.pt"
-            plain_spec = {"kind": "plain", "config": cfg.model_dump(mode="json"), "warmup": warmup,
-                          "params_out": str(plain_params)}
-            plain, status, why = run(plain_spec, f"{task.key} plain loop")
-            plain_ref = _load_params(plain_params)
-            plain_sec, plain_acc = plain.get("seconds_per_round"), plain.get("final_accuracy")
-            task_records = [_record(common, "plain", plain, status, why, plain_sec, plain_acc,
-                                    0.0 if plain_ref else None)]
-            for engine in engine_list:
-                if engine == "ray" and importlib.util.find_spec("ray") is None:
-                    task_records.append(_record(common, engine, {}, "unavailable",
-                                                "ray is not installed (pip install 'fedloom[ray]')", plain_sec,
-                                                plain_acc, None))
-                    continue
-                out = workdir / f"{task.key}-{engine}.pt"
-                ecfg = load_config(cfg, {"run.engine": engine})
-                res, status, why = run({"kind": "engine", "engine": engine, "config": ecfg.model_dump(mode="json"),
-                                        "warmup": warmup, "params_out": str(out)}, f"{task.key} {engine}")
-                diff = _max_diff(plain_ref, _load_params(out)) if status == "ok" else None
-                task_records.append(_record(common, engine, res, status, why, plain_sec, plain_acc, diff))
+                      "repeats": repeat, "clients": cfg.data.num_clients,
+                      "clients_per_round": cfg.clients_per_round(), "model": cfg.model.name, "rss_isolated": isolate,
+                      **machine}
+            runs: dict[str, list[tuple[dict[str, Any], str, str | None, float | None]]] = {}
+            for rep in range(repeat):
+                tag = f" (repetition {rep + 1}/{repeat})" if repeat > 1 else ""
+                plain_params = workdir / f"{task.key}-plain.pt"
+                plain_spec = {"kind": "plain", "config": cfg.model_dump(mode="json"), "warmup": warmup,
+                              "params_out": str(plain_params)}
+                plain, status, why = run(plain_spec, f"{task.key} plain loop{tag}")
+                plain_ref = _load_params(plain_params)
+                runs.setdefault("plain", []).append((plain, status, why, 0.0 if plain_ref else None))
+                for engine in engine_list:
+                    if engine == "ray" and importlib.util.find_spec("ray") is None:
+                        runs.setdefault(engine, []).append(({}, "unavailable",
+                                                            "ray is not installed (pip install 'fedloom[ray]')", None))
+                        continue
+                    out = workdir / f"{task.key}-{engine}.pt"
+                    ecfg = load_config(cfg, {"run.engine": engine})
+                    res, status, why = run({"kind": "engine", "engine": engine,
+                                            "config": ecfg.model_dump(mode="json"), "warmup": warmup,
+                                            "params_out": str(out)}, f"{task.key} {engine}{tag}")
+                    diff = _max_diff(plain_ref, _load_params(out)) if status == "ok" else None
+                    runs.setdefault(engine, []).append((res, status, why, diff))
+            task_records = _merge_repeats(common, runs)
             records.extend(task_records)
             save()
             _print_task(con, task, task_records)
@@ -471,6 +483,44 @@ def run_bench(
             save()
             _print_scale(con, [r for r in records if r["task"] == "scale"])
     return records
+
+
+def _merge_repeats(common: dict[str, Any], runs: dict[str, list[tuple[dict[str, Any], str, str | None,
+                                                                       float | None]]]) -> list[dict[str, Any]]:
+    """One record per engine from its repetitions: every timed round pooled, medians compared with plain's."""
+    merged: dict[str, tuple[dict[str, Any], str, str | None, float | None]] = {}
+    for engine, reps in runs.items():
+        bad = next(((r, st, why) for r, st, why, _ in reps if st != "ok"), None)
+        if bad is not None:
+            merged[engine] = (bad[0], bad[1], bad[2], None)
+            continue
+        rounds = [x for r, *_ in reps for x in r["round_seconds"]]
+        res = dict(reps[-1][0])
+        samples = sum(r["samples_per_second"] * sum(r["round_seconds"]) for r, *_ in reps)
+        res.update(round_seconds=rounds, median_seconds_per_round=statistics.median(rounds),
+                   mean_seconds_per_round=statistics.fmean(rounds), samples_per_second=samples / sum(rounds),
+                   peak_rss_mb=_max_or_none(r.get("peak_rss_mb") for r, *_ in reps),
+                   peak_rss_self_mb=_max_or_none(r.get("peak_rss_self_mb") for r, *_ in reps),
+                   peak_rss_children_mb=_max_or_none(r.get("peak_rss_children_mb") for r, *_ in reps),
+                   rep_medians=[r["median_seconds_per_round"] for r, *_ in reps])
+        res["seconds_per_round"] = res["median_seconds_per_round"]
+        merged[engine] = (res, "ok", None, _max_or_none(d for *_, d in reps))
+    plain = merged["plain"][0]
+    plain_sec, plain_acc = plain.get("seconds_per_round"), plain.get("final_accuracy")
+    out = []
+    for engine, (res, status, why, diff) in merged.items():
+        rec = _record(common, engine, res, status, why, plain_sec, plain_acc, diff)
+        pm, em = plain.get("rep_medians"), res.get("rep_medians")
+        ratios = [e / p for e, p in zip(em, pm, strict=True) if e and p] if pm and em else []
+        rec["ratio_range"] = [min(ratios), max(ratios)] if ratios else None
+        rec["mean_seconds_per_round"] = res.get("mean_seconds_per_round")
+        out.append(rec)
+    return out
+
+
+def _max_or_none(values: Iterator[float | None] | Any) -> float | None:
+    vals = [v for v in values if v is not None]
+    return max(vals) if vals else None
 
 
 def _record(common: dict[str, Any], engine: str, res: dict[str, Any], status: str, why: str | None,
@@ -530,8 +580,11 @@ def _print_task(con: Any, task: BenchTask, recs: list[dict[str, Any]]) -> None:
             table.add_row(name, f"[yellow]{r['status']}[/]", _fmt(r["plain_seconds_per_round"], ".3f"), "", "", "",
                           "", r["error"] or "")
             continue
+        ratio = _fmt(r["ratio_to_plain"], ".2f")
+        if r.get("repeats", 1) > 1 and r.get("ratio_range") and r["engine"] != "plain":
+            ratio += " ({:.2f}-{:.2f})".format(*r["ratio_range"])
         table.add_row(name, _fmt(r["seconds_per_round"], ".3f"), _fmt(r["plain_seconds_per_round"], ".3f"),
-                      _fmt(r["ratio_to_plain"], ".2f"), _fmt(r["samples_per_second"], ",.0f"),
+                      ratio, _fmt(r["samples_per_second"], ",.0f"),
                       _fmt(r["peak_rss_mb"], ",.0f"), _fmt(r["final_accuracy"], ".4f"),
                       _fmt(r["max_param_diff_vs_plain"], ".0e"))
     con.print(table)
@@ -542,8 +595,10 @@ def _print_task(con: Any, task: BenchTask, recs: list[dict[str, Any]]) -> None:
         con.print(f"final accuracy: plain loop {plain['final_accuracy']:.4f}, sequential engine "
                   f"{seq['final_accuracy']:.4f} ({'same' if same else '[yellow]different[/]'})", highlight=False)
     m = recs[0]
+    reps = f" x {m['repeats']} interleaved repetitions" if m.get("repeats", 1) > 1 else ""
     con.print(f"[dim]{m['usable_cores']} cores, {m['torch_threads']} torch threads, torch {m['torch_version']}, "
-              f"{m['rounds']} timed rounds after {m['warmup_rounds']} warm-up; load average at start "
+              f"{m['rounds']} timed rounds after {m['warmup_rounds']} warm-up{reps}; s/round is the median round; "
+              f"load average at start "
               f"{_fmt(m['load_average_1m'], '.2f')}[/]", highlight=False)
 
 

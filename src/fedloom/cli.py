@@ -208,7 +208,8 @@ def datasets(data_dir: Annotated[Path | None, typer.Option("--data-dir")] = None
 @app.command()
 def bench(
     tasks: Annotated[str, typer.Option(help="comma-separated: T1 (Fashion-MNIST, 100 clients, simple-cnn), T2 "
-                                       "(10,000 clients, mlp), tiny (seconds, bundled data); '' for none")] = "T1,T2",
+                                       "(10,000 clients, mlp), T2e (T2, test every round), tiny (seconds, "
+                                       "bundled data); '' for none")] = "T1,T2",
     engines: Annotated[str | None, typer.Option(help="comma-separated engines (default: sequential, parallel, "
                                                 "vectorized, ray if installed)")] = None,
     rounds: Annotated[int, typer.Option(help="timed rounds per measurement")] = 5,
@@ -220,12 +221,13 @@ def bench(
                                                      "else vectorized)")] = None,
     data_dir: Annotated[Path | None, typer.Option("--data-dir", help="where the datasets are")] = None,
     threads: Annotated[int, typer.Option(help="torch threads (0 = all cores)")] = 0,
+    repeat: Annotated[int, typer.Option(help="interleaved repetitions of every measurement (medians pooled)")] = 1,
 ) -> None:
     """Time each engine against a hand-written PyTorch loop doing the same FedAvg rounds (each in a fresh process)."""
     from .bench import run_bench  # torch-heavy benchmark code only when asked for
 
     run_bench(tasks, engines, rounds, json_path, warmup=warmup, scale=scale, scale_engine=scale_engine,
-              data_dir=data_dir, threads=threads, console=out)
+              data_dir=data_dir, threads=threads, repeat=repeat, console=out)
     if json_path:
         out.print(f"records: {json_path}")
 

@@ -73,5 +73,17 @@ def run_task(runtime: ClientRuntime, task: ClientTask, packed: bool = False) -> 
     return ClientReply(message, nbytes, time.perf_counter() - t0, result.state, payload)
 
 
+def largest_first(runtime: ClientRuntime, tasks: list[ClientTask]) -> list[int]:
+    """Task indices by decreasing amount of local work (samples x epochs, or steps x batch): handing the longest
+    tasks out first keeps workers from idling at the end of a round behind one big client."""
+    def cost(t: ClientTask) -> int:
+        steps = runtime.train.local_steps if t.steps is None else t.steps
+        if steps:
+            return steps * runtime.train.batch_size
+        epochs = runtime.train.local_epochs if t.epochs is None else t.epochs
+        return len(runtime.data.clients[t.client_id].train_idx) * epochs
+    return sorted(range(len(tasks)), key=lambda i: -cost(tasks[i]))
+
+
 def unpacked(replies: list[ClientReply | ClientFailure], spec_hash: str) -> list[ClientReply | ClientFailure]:
     return [r.unpack(spec_hash) if isinstance(r, ClientReply) else r for r in replies]

@@ -21,7 +21,7 @@ from concurrent.futures.process import BrokenProcessPool
 import torch
 
 from ..client.work import ClientRuntime, ClientTask
-from .base import ClientFailure, ClientReply, run_task, unpacked
+from .base import ClientFailure, ClientReply, largest_first, run_task, unpacked
 
 _runtime: ClientRuntime | None = None  # set in each worker by the fork
 
@@ -68,11 +68,11 @@ class ParallelEngine:
 
     def fit(self, runtime: ClientRuntime, tasks: list[ClientTask]) -> list[ClientReply | ClientFailure]:
         pool = self._pool_for(runtime)
-        futures: list[Future] = [pool.submit(_run, t) for t in tasks]
+        futures: dict[int, Future] = {i: pool.submit(_run, tasks[i]) for i in largest_first(runtime, tasks)}
         out: list[ClientReply | ClientFailure | None] = []
-        for fut in futures:
+        for i in range(len(tasks)):
             try:
-                out.append(fut.result())
+                out.append(futures[i].result())
             except BrokenProcessPool:
                 out.append(None)
         # A dying worker breaks the whole pool and every task in flight with it; re-run those one at a time

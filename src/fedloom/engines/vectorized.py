@@ -229,10 +229,11 @@ def _train_group(runtime: ClientRuntime, start: torch.Tensor, plans: list[list[t
                         on = active.view(shape)
                         bufs[n] = torch.where(on, bufs[n] * cfg.momentum + g, bufs[n])
                     g = bufs[n]
-                step_ = g * lr.view(shape)
                 if s == 0 and total == 1:  # the update is the one step: straight into the output rows
-                    torch.neg(step_.view(k, -1), out=out[:, e.offset : e.offset + e.numel])
-                elif s == 0:
+                    torch.mul(g.view(k, -1), -lr.view(k, 1), out=out[:, e.offset : e.offset + e.numel])
+                    continue
+                step_ = g * lr.view(shape)
+                if s == 0:
                     params[n] = p - step_
                 elif all_on:
                     params[n].sub_(step_)
