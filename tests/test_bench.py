@@ -9,14 +9,11 @@ from __future__ import annotations
 import json
 import sys
 
-import numpy as np
 import pytest
 from typer.testing import CliRunner
 
 from fedloom import bench
-from fedloom.api import prepare
 from fedloom.cli import app, main
-from fedloom.config import load_config
 from fedloom.errors import ConfigError, DatasetError
 
 REQUIRED = {"engine", "task", "seconds_per_round", "plain_seconds_per_round", "ratio_to_plain", "samples_per_second",
@@ -100,17 +97,6 @@ def test_cli_bench_tiny_isolated_writes_json(tmp_path):
     assert [(r["engine"], r["status"]) for r in records] == [("plain", "ok"), ("sequential", "ok")]
     assert all(r["rss_isolated"] and r["peak_rss_mb"] > 0 for r in records)
     assert records[1]["final_accuracy"] == records[0]["final_accuracy"]
-
-
-def test_spread_partition_allows_more_clients_than_samples_and_matches_iid_below():
-    base = load_config(bench.TASKS["tiny"].config, {"data.partition": "iid"})
-    n = len(prepare(base)[0].dataset.y_train)
-    big, _ = bench._spread_prepare(load_config(base, {"data.num_clients": 2 * n + 1}))
-    sizes = np.array([len(c.train_idx) for c in big.clients])
-    assert len(sizes) == 2 * n + 1 and set(sizes) == {0, 1} and sizes.sum() == n
-    small, _ = bench._spread_prepare(base)
-    ref, _ = prepare(base)
-    assert all(np.array_equal(a.train_idx, b.train_idx) for a, b in zip(small.clients, ref.clients, strict=True))
 
 
 def test_scale_check_runs_past_the_sample_count_and_reports_the_rss_ratio():

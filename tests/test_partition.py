@@ -234,3 +234,18 @@ def test_many_clients_are_index_arrays_only():
     assert fd.num_clients == 20000 and sum(len(c.train_idx) for c in fd.clients) == 60000
     assert fd.dataset is ds  # no copy of the data
     assert fd.label_counts().sum() == 60000
+
+
+def test_iid_with_min_size_zero_allows_a_population_larger_than_the_dataset():
+    x = torch.zeros(50, 3)
+    y = torch.arange(50) % 5
+    ds = Dataset("tab", x, y, x[:10].clone(), y[:10].clone(), num_classes=5)
+    big = federate(ds, 101, "iid", seed=1, min_size=0)
+    sizes = np.array([len(c.train_idx) for c in big.clients])
+    assert len(sizes) == 101 and set(sizes) == {0, 1} and sizes.sum() == 50
+    assert len(np.unique(np.concatenate([c.train_idx for c in big.clients]))) == 50  # disjoint, every sample
+    small = federate(ds, 7, "iid", seed=1, min_size=0)  # at or below the sample count: the usual iid split
+    ref = federate(ds, 7, "iid", seed=1)
+    assert all(np.array_equal(a.train_idx, b.train_idx) for a, b in zip(small.clients, ref.clients, strict=True))
+    with pytest.raises(ValueError, match="min_size = 0"):
+        federate(ds, 101, "iid", seed=1)

@@ -25,7 +25,6 @@ what a round costs in fedloom beyond training and evaluation: checkpoint, run-st
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import difflib
 import importlib.util
@@ -43,13 +42,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 from . import __version__, api
 from .config import ExperimentConfig, load_config
-from .data.federated import ClientData, FederatedData
+from .data.federated import FederatedData
 from .engines import ENGINES
 from .errors import ConfigError, DatasetError, FedloomError
 from .params import load_tensors
@@ -181,39 +179,14 @@ def _timing(stamps: list[float], samples: list[int], warmup: int) -> dict[str, A
 
 # ---- one measurement ------------------------------------------------------------------------------------
 
-def _spread_prepare(cfg: ExperimentConfig) -> tuple[FederatedData, Callable[[], torch.nn.Module]]:
-    """IID over any population, clients holding no sample allowed (fedloom's partitioners refuse more clients
-    than samples). For a population <= samples its train parts are exactly `partition = "iid"`'s."""
-    data, factory = _REAL_PREPARE(load_config(cfg, {"data.num_clients": 1, "data.partition": "iid"}))
-    perm = numpy_rng(cfg.run.seed, "partition").permutation(len(data.dataset.y_train))
-    none = np.zeros(0, dtype=np.int64)
-    clients = [ClientData(i, np.sort(p).astype(np.int64), none)
-               for i, p in enumerate(np.array_split(perm, cfg.data.num_clients))]
-    return FederatedData(data.dataset, clients, "iid"), factory
-
-
-_REAL_PREPARE = api.prepare
-
-
-@contextlib.contextmanager
-def _prepare_with(fn: Callable[[ExperimentConfig], tuple[FederatedData, Callable[[], torch.nn.Module]]]
-                  ) -> Iterator[None]:
-    api.prepare = fn  # type: ignore[assignment] - fedloom.run has no hook for a hand-made partition
-    try:
-        yield
-    finally:
-        api.prepare = _REAL_PREPARE  # type: ignore[assignment]
-
-
-def measure_engine(cfg: ExperimentConfig, warmup: int, spread: bool = False) -> dict[str, Any]:
+def measure_engine(cfg: ExperimentConfig, warmup: int) -> dict[str, Any]:
     """Run `cfg` through `fedloom.run` and time its rounds after `warmup` from the per-round callbacks."""
     if warmup < 1:
         raise ConfigError("the warm-up must be at least one round: the first round's end starts the clock")
     stamps: list[float] = []
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="fedloom-bench-") as tmp:
-        with _prepare_with(_spread_prepare) if spread else contextlib.nullcontext():
-            res = api.run(cfg, runs_dir=tmp, make_report=False, callback=lambda ev: stamps.append(time.perf_counter()))
+        res = api.run(cfg, runs_dir=tmp, make_report=False, callback=lambda ev: stamps.append(time.perf_counter()))
         store = api.open_store(tmp)
         try:
             rows = store.rounds(res.run_id)
@@ -252,7 +225,7 @@ def _measure(spec: dict[str, Any]) -> dict[str, Any]:
         data, factory = api.prepare(cfg)
         out = plain_fedavg(cfg, data, factory, spec["warmup"])
     else:
-        out = measure_engine(cfg, spec["warmup"], spread=spec.get("spread", False))
+        out = measure_engine(cfg, spec["warmup"])
     params = out.pop("params")
     if spec.get("params_out") and params is not None:
         torch.save(params, spec["params_out"])
@@ -548,9 +521,10 @@ def _scale(run: _Runner, base: BenchTask, engine: str, populations: Sequence[int
     """T2-style training at several populations on one engine: does per-round cost or memory grow with it?"""
     out: list[dict[str, Any]] = []
     for pop in sorted(populations):
-        cfg = load_config(_task_config(base, rounds + warmup, engine, threads, data_dir), {"data.num_clients": pop})
+        cfg = load_config(_task_config(base, rounds + warmup, engine, threads, data_dir),
+                          {"data.num_clients": pop, "data.partition": "iid", "data.min_size": 0})
         res, status, why = run({"kind": "engine", "engine": engine, "config": cfg.model_dump(mode="json"),
-                                "warmup": warmup, "spread": True}, f"scale {pop:,} clients {engine}")
+                                "warmup": warmup}, f"scale {pop:,} clients {engine}")
         out.append({"task": "scale", "task_label": f"{base.key}-style at {pop:,} clients", "population": pop,
                     "rounds": rounds, "warmup_rounds": warmup, "clients": pop,
                     "clients_per_round": cfg.clients_per_round(), "model": cfg.model.name, "rss_isolated": isolate,

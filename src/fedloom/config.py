@@ -32,7 +32,8 @@ class DataConfig(_Section):
     classes_per_client: int = Field(2, ge=1, description="k in NIID-Bench's #C=k")
     beta: float = Field(0.5, gt=0, description="Dirichlet concentration for quantity skew")
     noise_sigma: float = Field(0.1, ge=0, description="feature noise: client i gets sigma*i/(N-1)")
-    min_size: int = Field(10, ge=1)
+    min_size: int = Field(10, ge=0, description="dirichlet/quantity: samples per client at least; iid: 0 allows "
+                                                 "more clients than samples (clients without data send no update)")
     client_test: Literal["matched", "holdout"] = "matched"
     holdout_fraction: float = Field(0.2, gt=0, lt=1)
     options: dict[str, Any] = Field(default_factory=dict, description="dataset-specific, e.g. synthetic alpha")

@@ -110,7 +110,8 @@ def federate(dataset: Dataset, num_clients: int, partition: str = "iid", seed: i
              client_test: str = "matched", holdout_fraction: float = 0.2) -> FederatedData:
     """Split `dataset` among `num_clients` clients; the same seed gives identical index arrays.
 
-    partition: `iid`; `dirichlet` (label skew, `alpha`, `min_size`); `shards` (#C=k label skew,
+    partition: `iid` (`min_size = 0`: more clients than samples allowed, some holding none); `dirichlet`
+    (label skew, `alpha`, `min_size`); `shards` (#C=k label skew,
     `classes_per_client`); `quantity` (size skew, `beta`, `min_size`); `feature-noise` (IID, client i's
     inputs get noise std `noise_sigma * i / (num_clients - 1)`); `natural` (one client per
     `dataset.groups_train` id). client_test: `matched` splits the official test set so each client's
@@ -131,7 +132,7 @@ def federate(dataset: Dataset, num_clients: int, partition: str = "iid", seed: i
     rng = numpy_rng(seed, "partition")
     noise = [0.0] * num_clients
     if partition == "iid":
-        parts = P.iid(n, num_clients, rng)
+        parts = P.iid(n, num_clients, rng, allow_empty=min_size == 0)
     elif partition == "dirichlet":
         parts = P.dirichlet(labels, num_clients, alpha, rng, min_size)
     elif partition == "shards":

@@ -25,11 +25,12 @@ def group_indices(owner: np.ndarray, num_clients: int) -> list[np.ndarray]:
     return np.split(kept, np.cumsum(counts)[:-1])
 
 
-def _check(n: int, num_clients: int) -> None:
+def _check(n: int, num_clients: int, allow_empty: bool = False) -> None:
     if num_clients < 1:
         raise ValueError(f"num_clients must be >= 1, got {num_clients}")
-    if num_clients > n:
-        raise ValueError(f"{num_clients} clients but only {n} samples: every client needs at least one")
+    if num_clients > n and not allow_empty:
+        raise ValueError(f"{num_clients} clients but only {n} samples: every client needs at least one "
+                         f"(an iid partition with min_size = 0 lets clients hold none)")
 
 
 def _check_min_size(n: int, num_clients: int, min_size: int) -> None:
@@ -54,9 +55,12 @@ def stratified_split(labels: np.ndarray, test_fraction: float,
     return np.sort(np.concatenate(train)), np.sort(np.concatenate(test))
 
 
-def iid(n: int, num_clients: int, rng: np.random.Generator) -> list[np.ndarray]:
-    """A random permutation cut into near-equal parts (NIID-Bench `homo`)."""
-    _check(n, num_clients)
+def iid(n: int, num_clients: int, rng: np.random.Generator, allow_empty: bool = False) -> list[np.ndarray]:
+    """A random permutation cut into near-equal parts (NIID-Bench `homo`).
+
+    `allow_empty`: a population larger than the dataset (cross-device scale), the last clients holding none.
+    """
+    _check(n, num_clients, allow_empty)
     return [np.sort(p).astype(np.int64) for p in np.array_split(rng.permutation(n), num_clients)]
 
 
