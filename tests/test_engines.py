@@ -196,6 +196,10 @@ def test_auto_picks_by_model_clients_and_cores(tmp_path):
     assert choose(scaffold.runtime, clients_per_round=20, cores=2) == "parallel"
     assert choose(scaffold.runtime, clients_per_round=20, cores=1) == "sequential"
     assert choose(scaffold.runtime, clients_per_round=3, cores=2) == "sequential"
+    cnn = _fed(tmp_path, "sequential", small, model="simple-cnn")  # convolutions: vmap is slower than parallel
+    assert choose(cnn.runtime, clients_per_round=20, cores=2) == "parallel"
+    one_thread = _fed(tmp_path, "auto", small, model="simple-cnn", run__threads=1)
+    assert one_thread.engine.name == "auto:sequential"  # run.threads is the budget, whatever the machine has
     auto = _fed(tmp_path, "auto", small, model="mlp")
     assert auto.engine.name == "auto:vectorized"
     assert auto.run_round(1).row["metrics"]["engine"] == "auto:vectorized"

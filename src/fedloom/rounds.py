@@ -27,6 +27,7 @@ from .engines import ClientFailure, Engine
 from .errors import ClientError
 from .evaluation import Predictions, predict
 from .metrics import fairness, spread
+from .models.layout import fast_layout
 from .params import ParamSpec, ReusedBuffer, load_tensors, load_vector, model_vector, save_tensors, stack_rows
 from .pipeline import wire
 from .rng import numpy_rng
@@ -49,7 +50,7 @@ class Federation:
                  engine: Engine, store: RunStore, run_id: str, out_dir: Path):
         self.cfg, self.data, self.engine = cfg, data, engine
         self.store, self.run_id, self.out_dir = store, run_id, out_dir
-        self.model = model_factory()  # seeded: this is the initial global model
+        self.model = fast_layout(model_factory())  # seeded: this is the initial global model
         self.algorithm = build_algorithm(cfg.server, data.num_clients)
         self.runtime = ClientRuntime(model_factory, data, cfg.train, self.algorithm, cfg.eval)
         self.spec: ParamSpec = self.runtime.spec

@@ -18,6 +18,7 @@ import torch
 from ..config import EvalConfig, TrainConfig
 from ..data.federated import FederatedData
 from ..evaluation import predict
+from ..models.layout import fast_layout
 from ..params import ParamSpec, load_vector, model_vector
 from ..pipeline import wire
 from ..rng import torch_rng
@@ -53,7 +54,7 @@ class ClientRuntime:
 
     def __init__(self, model_factory: Callable[[], torch.nn.Module], data: FederatedData, train: TrainConfig,
                  algorithm: Algorithm, evaluation: EvalConfig | None = None):
-        self.model = model_factory()
+        self.model = fast_layout(model_factory())
         self.spec = ParamSpec.from_model(self.model)
         self.spec_hash = self.spec.hash()
         self.initial = model_vector(self.model, self.spec)  # the seeded initial model, as the server has it

@@ -22,7 +22,7 @@ def _sequential(cfg: ExperimentConfig) -> Engine:
 def _parallel(cfg: ExperimentConfig) -> Engine:
     from .parallel import ParallelEngine
 
-    return ParallelEngine(cfg.run.workers)
+    return ParallelEngine(cfg.run.workers, cfg.run.threads)
 
 
 def _vectorized(cfg: ExperimentConfig) -> Engine:

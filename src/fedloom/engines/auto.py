@@ -1,12 +1,14 @@
 """`auto`: pick the engine from the model, the clients per round and the machine.
 
-The rule (measured on 2 cores; docs/engines.md has the table behind it):
+The rule (measured on 2 cores; docs/engines.md has the tables behind it):
 
-- `vectorized` when it can run the experiment (FedAvg/FedProx, no BatchNorm, no feature noise) and a
-  round trains many small clients: stacking turns many tiny steps into a few large ones, and per-client
-  overhead is what dominates there;
-- else `parallel` when the machine has more than one core and a round has at least two clients per core
-  to spread;
+- `vectorized` when it can run the experiment (FedAvg/FedProx, no BatchNorm, dropout or feature noise),
+  the model has no convolutions and a round trains at least 8 clients: stacking turns many small steps
+  into a few large ones (T2, an MLP: about half the plain loop's time, where every other engine is
+  slower than it); a convolution under vmap becomes a grouped convolution, slower than the clients one
+  by one (T1: 1.4-1.6x the plain loop);
+- else `parallel` when torch may use more than one core (`run.threads`, else the usable cores) and a
+  round has at least two clients per core to spread (T1: the fastest engine);
 - else `sequential`.
 """
 
@@ -14,20 +16,18 @@ from __future__ import annotations
 
 from ..client.work import ClientRuntime, ClientTask
 from ..config import RunConfig
+from ..models.layout import has_convolutions
 from .base import ClientFailure, ClientReply, Engine
 from .parallel import ParallelEngine, usable_cores
 from .sequential import SequentialEngine
 from .vectorized import VectorizedEngine, unsupported
 
 VECTORIZE_MIN_CLIENTS = 8  # clients per round from which stacking pays off
-VECTORIZE_MAX_SAMPLES = 2000  # mean samples per selected client up to which clients count as small
 
 
 def choose(runtime: ClientRuntime, clients_per_round: int, cores: int) -> str:
-    data = runtime.data
-    mean_samples = sum(len(c.train_idx) for c in data.clients) / max(data.num_clients, 1)
-    if (unsupported(runtime) is None and clients_per_round >= VECTORIZE_MIN_CLIENTS
-            and mean_samples <= VECTORIZE_MAX_SAMPLES):
+    if (unsupported(runtime) is None and not has_convolutions(runtime.model)
+            and clients_per_round >= VECTORIZE_MIN_CLIENTS):
         return "vectorized"
     if cores > 1 and clients_per_round >= 2 * cores:
         return "parallel"
@@ -44,9 +44,10 @@ class AutoEngine:
 
     def check(self, runtime: ClientRuntime) -> None:
         if self.chosen is None:
-            pick = choose(runtime, self.clients_per_round, usable_cores())
+            pick = choose(runtime, self.clients_per_round, self.run.threads or usable_cores())
             self.chosen = (VectorizedEngine() if pick == "vectorized" else
-                           ParallelEngine(self.run.workers) if pick == "parallel" else SequentialEngine())
+                           ParallelEngine(self.run.workers, self.run.threads) if pick == "parallel"
+                           else SequentialEngine())
             self.name = f"auto:{self.chosen.name}"
         self.chosen.check(runtime)
 

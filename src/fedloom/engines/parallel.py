@@ -44,9 +44,10 @@ def usable_cores() -> int:
 class ParallelEngine:
     name = "parallel"
 
-    def __init__(self, workers: int = 0):
-        self.workers = workers or usable_cores()
-        self.threads = max(1, usable_cores() // self.workers)
+    def __init__(self, workers: int = 0, threads: int = 0):
+        cores = threads or usable_cores()  # the thread budget: `run.threads`, else every usable core
+        self.workers = workers or cores
+        self.threads = max(1, cores // self.workers)
         self._pool: ProcessPoolExecutor | None = None
         self._runtime: ClientRuntime | None = None
 
