@@ -175,6 +175,46 @@ def test_a_dead_worker_fails_only_its_client_and_the_pool_recovers(tmp_path, fau
     fed.engine.close()
 
 
+KILLED_RUN = """
+import sys, time, torch
+sys.path.insert(0, {tests!r})
+from test_engines import _fed, _images
+import pathlib
+fed = _fed(pathlib.Path({tmp!r}), "parallel", _images(), model="mlp")
+fed.run_round(1)
+print(*fed.engine._pool._processes, flush=True)
+time.sleep(60)
+"""
+
+
+def test_workers_die_with_a_run_killed_outright(tmp_path):
+    """SIGKILL gives the run no chance to shut its pool down; the workers must not stay behind."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    code = KILLED_RUN.format(tests=str(Path(__file__).parent), tmp=str(tmp_path))
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    pids = [int(p) for p in proc.stdout.readline().split()]
+    assert len(pids) == 2
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and any(_alive(p) for p in pids):
+        time.sleep(0.1)
+    assert not any(_alive(p) for p in pids)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split()[2] != "Z"  # a zombie has exited; its parent (init) reaps it
+    except FileNotFoundError:
+        return False
+
+
 @pytest.mark.parametrize(("over", "why"), [
     ({"server__algorithm": "scaffold"}, "algorithm 'scaffold' is not vectorized"),
     ({"model": "simple-cnn-bn"}, "buffers"),

@@ -141,7 +141,7 @@ class RayConfig(_Section):
 class RunConfig(_Section):
     rounds: int = Field(20, ge=1)
     seed: int = Field(0, ge=0)
-    engine: str = "sequential"
+    engine: str = Field("auto", description="where client work runs: auto | sequential | parallel | vectorized | ray")
     workers: int = Field(0, ge=0, description="parallel / ray: worker processes (0 = one per core)")
     ray: RayConfig = Field(default_factory=RayConfig)
     threads: int = Field(0, ge=0, description="torch intra-op threads; 0 = all cores")

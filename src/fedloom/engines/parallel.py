@@ -13,8 +13,13 @@ round fails or drops that client.
 
 from __future__ import annotations
 
+import ctypes
 import multiprocessing as mp
 import os
+import signal
+import sys
+import threading
+import time
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 
@@ -24,12 +29,30 @@ from ..client.work import ClientRuntime, ClientTask
 from .base import ClientFailure, ClientReply, largest_first, run_task, unpacked
 
 _runtime: ClientRuntime | None = None  # set in each worker by the fork
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
-def _init_worker(runtime: ClientRuntime, threads: int) -> None:
+def _init_worker(runtime: ClientRuntime, threads: int, parent: int) -> None:
     global _runtime
+    _exit_with_parent(parent)
     _runtime = runtime
     torch.set_num_threads(threads)
+
+
+def _exit_with_parent(parent: int) -> None:
+    """A worker must not outlive a run that was killed outright (SIGKILL leaves no chance to shut the pool down,
+    and the workers would sit on the shared dataset forever)."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    else:  # no parent-death signal: watch for being re-parented
+        def watch() -> None:
+            while os.getppid() == parent:
+                time.sleep(1.0)
+            os._exit(1)
+
+        threading.Thread(target=watch, daemon=True).start()
+    if os.getppid() != parent:  # the parent died before the signal was armed
+        os._exit(1)
 
 
 def _run(task: ClientTask) -> ClientReply | ClientFailure:
@@ -60,7 +83,8 @@ class ParallelEngine:
             for t in (ds.x_train, ds.y_train, ds.x_test, ds.y_test):
                 t.share_memory_()  # once; forked workers then share these pages
             self._pool = ProcessPoolExecutor(self.workers, mp_context=mp.get_context("fork"),
-                                             initializer=_init_worker, initargs=(runtime, self.threads))
+                                             initializer=_init_worker,
+                                             initargs=(runtime, self.threads, os.getpid()))
             self._runtime = runtime
         return self._pool
 
