@@ -143,3 +143,23 @@ def test_stack_rows_is_zero_copy_for_rows_of_one_matrix_and_reuses_a_free_buffer
     del first, held, second  # nothing refers to it now: reused
     third = stack_rows(rows, buf)
     assert third.data_ptr() == ptr and torch.equal(third, torch.stack(rows))
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_client_summaries_equal_one_subset_per_client(overlap):
+    from fedloom.evaluation import Predictions, client_summaries
+
+    g = torch.Generator().manual_seed(3)
+    n, k = 500, 7
+    preds = Predictions(torch.rand(n, generator=g) * 3, torch.randint(0, k, (n,), generator=g),
+                        torch.randint(0, k, (n,), generator=g))
+    perm = torch.randperm(n, generator=g).numpy()
+    parts = [np.sort(p) for p in np.array_split(perm[:450], 40)] + [np.zeros(0, np.int64)]  # one client without
+    if overlap:
+        parts[1] = np.concatenate([parts[1], parts[0][:3]])
+    got = client_summaries(preds, parts, k)
+    for idx, s in zip(parts, got, strict=True):
+        ref = preds.subset(idx).summary(k)
+        assert s["num_examples"] == ref["num_examples"]
+        for key in ("loss", "accuracy", "macro_f1"):
+            assert s[key] == pytest.approx(ref[key], rel=1e-12, abs=1e-12, nan_ok=True), key

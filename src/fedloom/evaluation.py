@@ -39,6 +39,36 @@ class Predictions:
         }
 
 
+def client_summaries(preds: Predictions, test_idx: list[np.ndarray], num_classes: int) -> list[dict[str, float]]:
+    """`preds.subset(idx).summary(num_classes)` for every client's test indices, in a few bincounts instead of a
+    pass per client: a population of 100,000 clients is evaluated in the time of one.
+
+    Clients' test splits are disjoint (every partition makes them so); if they are not, clients are done one by
+    one.
+    """
+    n_clients = len(test_idx)
+    sizes = np.fromiter((len(i) for i in test_idx), np.int64, count=n_clients)
+    flat = np.concatenate(test_idx).astype(np.int64) if n_clients else np.zeros(0, np.int64)
+    if len(np.unique(flat)) != len(flat):
+        return [preds.subset(i).summary(num_classes) for i in test_idx]
+    owner = torch.from_numpy(np.repeat(np.arange(n_clients, dtype=np.int64), sizes))
+    at = torch.from_numpy(flat)
+    y, p = preds.labels[at], preds.preds[at]
+    right = (p == y).double()
+    k = num_classes
+    count = torch.bincount(owner, minlength=n_clients).double()
+    loss = torch.bincount(owner, weights=preds.losses[at].double(), minlength=n_clients) / count
+    acc = torch.bincount(owner, weights=right, minlength=n_clients) / count
+    tp = torch.bincount(owner * k + y, weights=right, minlength=n_clients * k).view(n_clients, k)
+    denom = (torch.bincount(owner * k + y, minlength=n_clients * k)
+             + torch.bincount(owner * k + p, minlength=n_clients * k)).view(n_clients, k).double()
+    f1 = torch.where(denom > 0, 2 * tp / denom.clamp(min=1), torch.zeros_like(tp))
+    macro = f1.sum(1) / (denom > 0).sum(1)
+    return [{"num_examples": int(n), "loss": lo, "accuracy": a, "macro_f1": f} if n else
+            {"num_examples": 0, "loss": float("nan"), "accuracy": float("nan"), "macro_f1": float("nan")}
+            for n, lo, a, f in zip(sizes.tolist(), loss.tolist(), acc.tolist(), macro.tolist(), strict=True)]
+
+
 @torch.no_grad()
 def predict(model: torch.nn.Module, dataset: Dataset, x: torch.Tensor, y: torch.Tensor,
             batch_size: int = 1024) -> Predictions:

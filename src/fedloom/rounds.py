@@ -25,7 +25,7 @@ from .config import ExperimentConfig
 from .data.federated import FederatedData
 from .engines import ClientFailure, Engine
 from .errors import ClientError
-from .evaluation import Predictions, predict
+from .evaluation import Predictions, client_summaries, predict
 from .metrics import fairness, spread
 from .models.layout import fast_layout
 from .params import ParamSpec, ReusedBuffer, load_tensors, load_vector, model_vector, save_tensors, stack_rows
@@ -274,11 +274,10 @@ class Federation:
                    test_macro_f1=central["macro_f1"])
         if not self.cfg.eval.federated:
             return []
-        rows = []
-        for c in self.data.clients:
-            s = preds.subset(c.test_idx).summary(ds.num_classes)
-            rows.append({"client_id": c.id, "kind": "eval", "num_examples": s["num_examples"],
-                         "loss": s["loss"], "accuracy": s["accuracy"], "macro_f1": s["macro_f1"]})
+        clients = self.data.clients
+        rows = [{"client_id": c.id, "kind": "eval", **s}
+                for c, s in zip(clients, client_summaries(preds, [c.test_idx for c in clients], ds.num_classes),
+                                strict=True)]
         _summarize_clients(row["metrics"], rows, "fed", "fair")
         return rows
 
