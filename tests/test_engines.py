@@ -118,6 +118,27 @@ def test_update_statistics_match_per_client_torch(tmp_path):
         assert row["cosine"] == pytest.approx(float(v @ agg / (v.norm() * agg.norm())), rel=1e-4)
 
 
+def test_parallel_updates_come_back_in_shared_rows_never_overwritten_while_held(tmp_path):
+    from fedloom.client.work import ClientTask
+
+    fed = _fed(tmp_path, "parallel", _images(), model="mlp")
+    engine, runtime = fed.engine, fed.runtime
+    try:
+        first = engine.fit(runtime, [ClientTask(1, c, 0.05, 5, fed.broadcast(1)) for c in range(4)])
+        rows = engine._slots.updates
+        assert all(r.message.vector.data_ptr() == rows[i].data_ptr() for i, r in enumerate(first))
+        held = [r.message.vector for r in first]  # kept: the next round must not write over them
+        copies = [v.clone() for v in held]
+        fed.params = fed.params + 0.5
+        second = engine.fit(runtime, [ClientTask(2, c, 0.05, 5, fed.broadcast(2)) for c in range(4)])
+        assert all(torch.equal(h, c) for h, c in zip(held, copies, strict=True))
+        assert not torch.equal(second[0].message.vector, held[0])
+        seq = [fed.runtime.run(ClientTask(2, c, 0.05, 5, fed.broadcast(2))).message.vector for c in range(4)]
+        assert all(torch.allclose(r.message.vector, v, atol=1e-6) for r, v in zip(second, seq, strict=True))
+    finally:
+        engine.close()
+
+
 def test_parallel_keeps_client_state_like_sequential(tmp_path):
     data = _images()
     seq = _fed(tmp_path, "sequential", data, model="mlp", server__algorithm="scaffold", server__fraction=0.5)

@@ -22,7 +22,7 @@ def _sequential(cfg: ExperimentConfig) -> Engine:
 def _parallel(cfg: ExperimentConfig) -> Engine:
     from .parallel import ParallelEngine
 
-    return ParallelEngine(cfg.run.workers, cfg.run.threads)
+    return ParallelEngine(cfg.run.workers, cfg.run.threads, cfg.clients_per_round())
 
 
 def _vectorized(cfg: ExperimentConfig) -> Engine:
@@ -40,7 +40,7 @@ def _ray(cfg: ExperimentConfig) -> Engine:
 def _auto(cfg: ExperimentConfig) -> Engine:
     from .auto import AutoEngine
 
-    return AutoEngine(cfg.run, cfg.clients_per_round())
+    return AutoEngine(cfg)
 
 
 ENGINES: dict[str, Callable[[ExperimentConfig], Engine]] = {

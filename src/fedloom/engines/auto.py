@@ -15,12 +15,11 @@ The rule (measured on 2 cores; docs/engines.md has the tables behind it):
 from __future__ import annotations
 
 from ..client.work import ClientRuntime, ClientTask
-from ..config import RunConfig
+from ..config import ExperimentConfig
 from ..models.layout import has_convolutions
 from .base import ClientFailure, ClientReply, Engine
-from .parallel import ParallelEngine, usable_cores
-from .sequential import SequentialEngine
-from .vectorized import VectorizedEngine, unsupported
+from .parallel import usable_cores
+from .vectorized import unsupported
 
 VECTORIZE_MIN_CLIENTS = 8  # clients per round from which stacking pays off
 
@@ -37,17 +36,16 @@ def choose(runtime: ClientRuntime, clients_per_round: int, cores: int) -> str:
 class AutoEngine:
     name = "auto"
 
-    def __init__(self, run: RunConfig, clients_per_round: int):
-        self.run = run
-        self.clients_per_round = clients_per_round
+    def __init__(self, cfg: ExperimentConfig):
+        self.cfg = cfg
         self.chosen: Engine | None = None
 
     def check(self, runtime: ClientRuntime) -> None:
         if self.chosen is None:
-            pick = choose(runtime, self.clients_per_round, self.run.threads or usable_cores())
-            self.chosen = (VectorizedEngine() if pick == "vectorized" else
-                           ParallelEngine(self.run.workers, self.run.threads) if pick == "parallel"
-                           else SequentialEngine())
+            from . import build_engine
+
+            self.chosen = build_engine(choose(runtime, self.cfg.clients_per_round(),
+                                              self.cfg.run.threads or usable_cores()), self.cfg)
             self.name = f"auto:{self.chosen.name}"
         self.chosen.check(runtime)
 

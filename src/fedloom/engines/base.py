@@ -73,16 +73,28 @@ def run_task(runtime: ClientRuntime, task: ClientTask, packed: bool = False) -> 
     return ClientReply(message, nbytes, time.perf_counter() - t0, result.state, payload)
 
 
-def largest_first(runtime: ClientRuntime, tasks: list[ClientTask]) -> list[int]:
-    """Task indices by decreasing amount of local work (samples x epochs, or steps x batch): handing the longest
-    tasks out first keeps workers from idling at the end of a round behind one big client."""
+def balanced_batches(runtime: ClientRuntime, tasks: list[ClientTask], batches: int) -> list[list[int]]:
+    """Task indices in `batches` groups of about equal work (samples x epochs, or steps x batch), largest first.
+
+    Each task goes to the lightest group so far, longest task first (LPT): a group is one hand-off to a worker,
+    so per-task overhead is paid per group, and the longest work starts first instead of leaving the other
+    workers idle at the end of a round behind one big client.
+    """
     def cost(t: ClientTask) -> int:
         steps = runtime.train.local_steps if t.steps is None else t.steps
         if steps:
             return steps * runtime.train.batch_size
         epochs = runtime.train.local_epochs if t.epochs is None else t.epochs
         return len(runtime.data.clients[t.client_id].train_idx) * epochs
-    return sorted(range(len(tasks)), key=lambda i: -cost(tasks[i]))
+
+    costs = [cost(t) for t in tasks]
+    groups: list[list[int]] = [[] for _ in range(max(1, min(batches, len(tasks))))]
+    loads = [0] * len(groups)
+    for i in sorted(range(len(tasks)), key=lambda i: -costs[i]):
+        g = loads.index(min(loads))
+        groups[g].append(i)
+        loads[g] += costs[i]
+    return [g for _, g in sorted(zip(loads, groups, strict=True), key=lambda lg: -lg[0]) if g]
 
 
 def unpacked(replies: list[ClientReply | ClientFailure], spec_hash: str) -> list[ClientReply | ClientFailure]:
