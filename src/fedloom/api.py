@@ -29,6 +29,7 @@ from .data.federated import FederatedData, federate
 from .diagnosis import Diagnosis
 from .diagnosis import diagnose as diagnose_run
 from .engines import build_engine
+from .engines.base import usable_cores
 from .errors import ConfigError, FedloomError, RunError
 from .models import build_model
 from .rng import derive_seed
@@ -183,8 +184,7 @@ def _drive(fed: Federation, store: RunStore, run_id: str, start: int, wall_befor
 
 
 def _set_threads(cfg: ExperimentConfig) -> None:
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    torch.set_num_threads(cfg.run.threads or cores)
+    torch.set_num_threads(cfg.run.threads or usable_cores())
 
 
 # ---- reading runs -----------------------------------------------------------------------------------

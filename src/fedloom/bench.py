@@ -49,6 +49,7 @@ from . import __version__, api
 from .config import ExperimentConfig, load_config
 from .data.federated import FederatedData
 from .engines import ENGINES
+from .engines.base import usable_cores
 from .errors import ConfigError, DatasetError, FedloomError
 from .params import load_tensors
 from .rng import numpy_rng, torch_rng
@@ -221,7 +222,7 @@ def _measure(spec: dict[str, Any]) -> dict[str, Any]:
     cfg = load_config(spec["config"])
     if spec["kind"] == "plain":
         _plain_supported(cfg)
-        torch.set_num_threads(cfg.run.threads or _usable_cores())
+        torch.set_num_threads(cfg.run.threads or usable_cores())
         data, factory = api.prepare(cfg)
         out = plain_fedavg(cfg, data, factory, spec["warmup"])
     else:
@@ -277,12 +278,8 @@ def _in_process(spec: dict[str, Any]) -> dict[str, Any]:
 
 # ---- the benchmark --------------------------------------------------------------------------------------
 
-def _usable_cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
 def machine_info(threads: int) -> dict[str, Any]:
-    return {"cpu_count": os.cpu_count(), "usable_cores": _usable_cores(), "torch_threads": threads or _usable_cores(),
+    return {"cpu_count": os.cpu_count(), "usable_cores": usable_cores(), "torch_threads": threads or usable_cores(),
             "torch_version": torch.__version__, "platform": platform.platform(), "python": platform.python_version(),
             "fedloom_version": __version__,
             "load_average_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None}

@@ -17,8 +17,7 @@ from __future__ import annotations
 from ..client.work import ClientRuntime, ClientTask
 from ..config import ExperimentConfig
 from ..models.layout import has_convolutions
-from .base import ClientFailure, ClientReply, Engine
-from .parallel import usable_cores
+from .base import ClientFailure, ClientReply, Engine, usable_cores
 from .vectorized import unsupported
 
 VECTORIZE_MIN_CLIENTS = 8  # clients per round from which stacking pays off

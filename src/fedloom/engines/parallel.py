@@ -31,7 +31,7 @@ from concurrent.futures.process import BrokenProcessPool
 import torch
 
 from ..client.work import ClientRuntime, ClientTask
-from .base import ClientFailure, ClientReply, balanced_batches, run_task, unpacked
+from .base import ClientFailure, ClientReply, balanced_batches, run_task, unpacked, usable_cores
 
 _runtime: ClientRuntime | None = None  # set in each worker by the fork
 _slots: _Slots | None = None
@@ -106,10 +106,6 @@ def _run(task: ClientTask, slot: int) -> tuple[ClientReply | ClientFailure, int]
     _slots.updates[slot, : vec.numel()] = vec
     reply.message.vector = torch.empty(0)  # travels in the row
     return reply, vec.numel()
-
-
-def usable_cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 class ParallelEngine:

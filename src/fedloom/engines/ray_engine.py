@@ -35,8 +35,7 @@ from ..data.datasets import Dataset
 from ..data.federated import ClientData, FederatedData
 from ..errors import ConfigError
 from ..params import load_vector
-from .base import ClientFailure, ClientReply, run_task, unpacked
-from .parallel import usable_cores
+from .base import ClientFailure, ClientReply, run_task, unpacked, usable_cores
 
 if TYPE_CHECKING:
     from ..algorithms import Algorithm
