@@ -14,12 +14,14 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..client.trainer import batch_indices, step_count
 from ..errors import ConfigError
 from ..params import ParamSpec
 from .base import Algorithm, ClientContext, ClientOutput, State
@@ -62,16 +64,13 @@ def _batch_loss(ctx: ClientContext, sel: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(ctx.model(x), ds.y_train[sel])
 
 
+def _batches(ctx: ClientContext, count: int) -> Iterator[torch.Tensor]:
+    return batch_indices(torch.as_tensor(ctx.client.train_idx, dtype=torch.long), ctx.train.batch_size, count,
+                         ctx.generator)
+
+
 class PerFedAvg(Algorithm):
     name = "perfedavg"
-
-    def _batches(self, ctx: ClientContext):
-        """Endless reshuffled mini-batches of the client's training indices."""
-        idx = torch.as_tensor(ctx.client.train_idx, dtype=torch.long)
-        bs = ctx.train.batch_size
-        while True:
-            perm = idx[torch.randperm(len(idx), generator=ctx.generator)]
-            yield from (perm[s : s + bs] for s in range(0, len(perm), bs))
 
     def client_fit(self, ctx: ClientContext) -> ClientOutput:
         n = len(ctx.client.train_idx)
@@ -80,8 +79,8 @@ class PerFedAvg(Algorithm):
         alpha, hf = self.cfg.perfedavg_alpha, self.cfg.perfedavg_variant == "hf"
         params = [p for p in ctx.model.parameters() if p.requires_grad]
         opt = torch.optim.SGD(params, lr=ctx.lr, momentum=ctx.train.momentum, weight_decay=ctx.train.weight_decay)
-        total = ctx.steps if ctx.steps > 0 else ctx.epochs * math.ceil(n / ctx.train.batch_size)
-        batches = self._batches(ctx)
+        total = step_count(n, ctx.train.batch_size, ctx.epochs, ctx.steps)
+        batches = _batches(ctx, (3 if hf else 2) * total)  # 2 or 3 batches per step
         ctx.model.train()
         loss_sum = 0.0
         for _ in range(total):
@@ -111,7 +110,7 @@ class PerFedAvg(Algorithm):
             return None
         params = [p for p in ctx.model.parameters() if p.requires_grad]
         ctx.model.train()
-        grads = torch.autograd.grad(_batch_loss(ctx, next(self._batches(ctx))), params)
+        grads = torch.autograd.grad(_batch_loss(ctx, next(_batches(ctx, 1))), params)
         with torch.no_grad():
             for p, g in zip(params, grads, strict=True):
                 p.sub_(g, alpha=self.cfg.perfedavg_alpha)

@@ -7,7 +7,7 @@ DataLoader worker processes), which keeps per-client overhead near zero next to 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -41,6 +41,30 @@ def round_lr(cfg: TrainConfig, round_: int, total_rounds: int) -> float:
 Hook = Callable[[list[torch.Tensor]], None]
 
 
+def step_count(n: int, batch_size: int, epochs: int, steps: int) -> int:
+    """Local steps a client of `n` samples takes: exactly `steps` if set, else `epochs` full passes."""
+    return steps if steps > 0 else epochs * math.ceil(n / batch_size)
+
+
+def batch_indices(train_idx: torch.Tensor, batch_size: int, total_steps: int,
+                  generator: torch.Generator) -> Iterator[torch.Tensor]:
+    """The client's batches in training order: a fresh permutation per pass, the last batch of a pass short.
+
+    Lazy, so a trainer that draws more from `generator` between batches (feature noise) draws in the same
+    order as it always did; the vectorized engine lists it up front and gets the same batches.
+    """
+    n = len(train_idx)
+    per_epoch = math.ceil(n / batch_size)
+    step = 0
+    while step < total_steps:
+        perm = train_idx[torch.randperm(n, generator=generator)]
+        for b in range(per_epoch):
+            if step >= total_steps:
+                return
+            yield perm[b * batch_size : (b + 1) * batch_size]
+            step += 1
+
+
 def local_train(
     model: torch.nn.Module,
     dataset: Dataset,
@@ -72,30 +96,22 @@ def local_train(
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     model.train()
-    bs = cfg.batch_size
-    batches_per_epoch = math.ceil(n / bs)
-    total_steps = steps if steps > 0 else epochs * batches_per_epoch
     loss_sum = torch.zeros((), dtype=torch.float64)
     step = 0
-    while step < total_steps:
-        perm = idx[torch.randperm(n, generator=generator)]
-        for b in range(batches_per_epoch):
-            if step >= total_steps:
-                break
-            sel = perm[b * bs : (b + 1) * bs]
-            x = dataset.features(dataset.x_train[sel])
-            if noise_std > 0:
-                x = x + noise_std * torch.randn(x.shape, generator=generator)
-            loss = F.cross_entropy(model(x), dataset.y_train[sel])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if grad_hook is not None:
-                with torch.no_grad():
-                    grad_hook(params)
-            opt.step()
-            if post_step is not None:
-                with torch.no_grad():
-                    post_step(params)
-            loss_sum += loss.detach()
-            step += 1
+    for sel in batch_indices(idx, cfg.batch_size, step_count(n, cfg.batch_size, epochs, steps), generator):
+        x = dataset.features(dataset.x_train[sel])
+        if noise_std > 0:
+            x = x + noise_std * torch.randn(x.shape, generator=generator)
+        loss = F.cross_entropy(model(x), dataset.y_train[sel])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if grad_hook is not None:
+            with torch.no_grad():
+                grad_hook(params)
+        opt.step()
+        if post_step is not None:
+            with torch.no_grad():
+                post_step(params)
+        loss_sum += loss.detach()
+        step += 1
     return LocalResult(n, step, float(loss_sum / max(step, 1)))

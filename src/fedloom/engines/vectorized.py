@@ -37,6 +37,7 @@ from torch.func import functional_call, grad_and_value, vmap
 
 from ..algorithms import Algorithm
 from ..algorithms.drift import FedProx
+from ..client.trainer import batch_indices, step_count
 from ..client.work import ClientRuntime, ClientTask
 from ..errors import ConfigError
 from ..params import ReusedBuffer
@@ -152,16 +153,9 @@ def _plan(runtime: ClientRuntime, task: ClientTask) -> list[torch.Tensor]:
         return []
     epochs = cfg.local_epochs if task.epochs is None else task.epochs
     steps = cfg.local_steps if task.steps is None else task.steps
-    bs = cfg.batch_size
-    per_epoch = math.ceil(n / bs)
-    total = steps if steps > 0 else epochs * per_epoch
-    idx = torch.as_tensor(client.train_idx, dtype=torch.long)
-    g = torch_rng(task.seed, "train", task.round, task.client_id)
-    batches: list[torch.Tensor] = []
-    while len(batches) < total:
-        perm = idx[torch.randperm(n, generator=g)]
-        batches += [perm[b * bs : (b + 1) * bs] for b in range(per_epoch)][: total - len(batches)]
-    return batches
+    return list(batch_indices(torch.as_tensor(client.train_idx, dtype=torch.long), cfg.batch_size,
+                              step_count(n, cfg.batch_size, epochs, steps),
+                              torch_rng(task.seed, "train", task.round, task.client_id)))
 
 
 def _stacked_steps(plans: list[list[torch.Tensor]],
