@@ -14,6 +14,7 @@ from fedloom.data.federated import ClientData, FederatedData
 from fedloom.engines import build_engine
 from fedloom.errors import ClientError, ConfigError
 from fedloom.models import build_model
+from fedloom.pipeline import wire
 from fedloom.rounds import Federation
 from fedloom.store import RunStore
 
@@ -137,6 +138,23 @@ def test_parallel_updates_come_back_in_shared_rows_never_overwritten_while_held(
         assert all(torch.allclose(r.message.vector, v, atol=1e-6) for r, v in zip(second, seq, strict=True))
     finally:
         engine.close()
+
+
+def test_a_worker_sends_bytes_when_an_update_is_wider_than_its_row(tmp_path, monkeypatch):
+    from fedloom.client.work import ClientTask
+    from fedloom.engines import parallel
+
+    fed = _fed(tmp_path, "sequential", _images(), model="mlp")
+    task = ClientTask(1, 0, 0.05, 5, fed.broadcast(1))
+    slots = parallel._Slots(rows=4, width=fed.spec.size - 1)  # one value too narrow
+    slots.put_broadcast(task.broadcast)
+    monkeypatch.setattr(parallel, "_runtime", fed.runtime)
+    monkeypatch.setattr(parallel, "_slots", slots)
+    reply, written = parallel._run(task, 0)
+    assert written == -1 and reply.message is None and reply.payload is not None
+    got = reply.unpack(fed.spec.hash())
+    ref = fed.runtime.run(task).message
+    assert torch.equal(got.message.vector, ref.vector) and got.nbytes == len(wire.encode(ref))
 
 
 def test_parallel_keeps_client_state_like_sequential(tmp_path):

@@ -107,18 +107,13 @@ def run(
     store = open_store(runs_dir)
     _set_threads(cfg)
     data, model_factory = prepare(cfg)
-    engine_obj = build_engine(cfg.run.engine, cfg)
     run_id = f"{cfg.name}-{datetime.now():%Y%m%d-%H%M%S}-{secrets.token_hex(2)}"
     out = Path(output_dir) if output_dir else store.path.parent / run_id
+    fed = _federation(cfg, data, model_factory, store, run_id, out)  # may refuse: before anything is written
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(cfg.model_dump(mode="json"), indent=2))
     counts = data.label_counts("train")
     clients = [(c.id, len(c.train_idx), len(c.test_idx), [int(v) for v in counts[c.id]]) for c in data.clients]
-    try:
-        fed = Federation(cfg, data, model_factory, engine_obj, store, run_id, out)  # may refuse: before any record
-    except BaseException:
-        engine_obj.close()  # e.g. a local Ray it started
-        raise
     store.create_run(run_id, cfg.name, cfg.model_dump(mode="json"), cfg.run.seed, versions(), str(out.resolve()),
                      cfg.run.rounds, clients)
     return _drive(fed, store, run_id, 1, 0.0, callback, make_report)
@@ -136,12 +131,7 @@ def resume(run_id: str, *, rounds: int | None = None, runs_dir: str | os.PathLik
     last, ckpt = _last_good_checkpoint(store, rec)
     _set_threads(cfg)
     data, model_factory = prepare(cfg)
-    engine_obj = build_engine(cfg.run.engine, cfg)
-    try:
-        fed = Federation(cfg, data, model_factory, engine_obj, store, rec.run_id, Path(rec.output_dir))
-    except BaseException:
-        engine_obj.close()
-        raise
+    fed = _federation(cfg, data, model_factory, store, rec.run_id, Path(rec.output_dir))
     store.truncate_after(rec.run_id, last)
     if ckpt:
         fed.load_checkpoint(ckpt)
@@ -181,6 +171,18 @@ def _drive(fed: Federation, store: RunStore, run_id: str, start: int, wall_befor
     report_path = report(run_id, runs_dir=store.path.parent) if make_report else None
     out = Path(store.get_run(run_id).output_dir)
     return RunResult(run_id, status, message, summary, out, report_path)
+
+
+def _federation(cfg: ExperimentConfig, data: FederatedData, model_factory: Callable[[], torch.nn.Module],
+                store: RunStore, run_id: str, out: Path) -> Federation:
+    """The run's Federation with its engine; if the engine refuses the experiment, the engine is closed (a local
+    Ray it started does not stay up) and the refusal raised."""
+    engine = build_engine(cfg.run.engine, cfg)
+    try:
+        return Federation(cfg, data, model_factory, engine, store, run_id, out)
+    except BaseException:
+        engine.close()
+        raise
 
 
 def _set_threads(cfg: ExperimentConfig) -> None:

@@ -1,12 +1,11 @@
 """`auto`: pick the engine from the model, the clients per round and the machine.
 
-The rule (measured on 2 cores; docs/engines.md has the tables behind it):
+The rule (measured on 2 cores; docs/engines.md has the figures behind it):
 
 - `vectorized` when it can run the experiment (FedAvg/FedProx, no BatchNorm, dropout or feature noise),
   the model has no convolutions and a round trains at least 8 clients: stacking turns many small steps
-  into a few large ones (T2, an MLP: about half the plain loop's time, where every other engine is
-  slower than it); a convolution under vmap becomes a grouped convolution, slower than the clients one
-  by one (T1: 1.4-1.6x the plain loop);
+  into a few large ones (T2, an MLP: the fastest engine by 2x); a convolution under vmap becomes a grouped
+  convolution, slower than the clients one by one (T1: slower than the plain loop);
 - else `parallel` when torch may use more than one core (`run.threads`, else the usable cores) and a
   round has at least two clients per core to spread (T1: the fastest engine);
 - else `sequential`.

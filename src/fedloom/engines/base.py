@@ -34,8 +34,7 @@ class ClientReply:
         if self.message is not None:
             return self
         assert self.payload is not None
-        return ClientReply(wire.decode(self.payload, expect_spec=spec_hash), len(self.payload), self.seconds,
-                           self.state)
+        return ClientReply(wire.decode(self.payload, expect_spec=spec_hash), self.nbytes, self.seconds, self.state)
 
 
 @dataclass

@@ -31,6 +31,7 @@ from concurrent.futures.process import BrokenProcessPool
 import torch
 
 from ..client.work import ClientRuntime, ClientTask
+from ..pipeline import wire
 from .base import ClientFailure, ClientReply, balanced_batches, run_task, unpacked, usable_cores
 
 _runtime: ClientRuntime | None = None  # set in each worker by the fork
@@ -101,8 +102,8 @@ def _run(task: ClientTask, slot: int) -> tuple[ClientReply | ClientFailure, int]
     if not isinstance(reply, ClientReply) or reply.message is None:
         return reply, -1
     vec = reply.message.vector
-    if vec.numel() > _slots.width:  # an algorithm sending more than the rows hold: the bytes carry it
-        return run_task(_runtime, dataclasses.replace(task, broadcast=_slots.broadcast()), packed=True), -1
+    if vec.numel() > _slots.width:  # an algorithm sending more than the rows hold: the (decoded) message's bytes
+        return dataclasses.replace(reply, message=None, payload=wire.encode(reply.message)), -1
     _slots.updates[slot, : vec.numel()] = vec
     reply.message.vector = torch.empty(0)  # travels in the row
     return reply, vec.numel()

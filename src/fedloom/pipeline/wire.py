@@ -66,7 +66,8 @@ def passthrough(msg: Message) -> tuple[Message, int]:
     vec = msg.vector.detach()
     out = Message(msg.kind, msg.round, msg.client_id, msg.spec_hash, vec, msg.num_examples, dict(msg.metrics),
                   msg.codec)
-    return out, 8 + len(_header(msg, codec.lossless_size(vec.numel()))) + codec.lossless_size(vec.numel())
+    payload = codec.lossless_size(vec.numel())
+    return out, 8 + len(_header(msg, payload)) + payload
 
 
 def decode(data: bytes, expect_spec: str | None = None) -> Message:
