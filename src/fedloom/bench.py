@@ -37,7 +37,7 @@ import sys
 import tempfile
 import time
 import traceback
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -488,7 +488,7 @@ def _merge_repeats(common: dict[str, Any], runs: dict[str, list[tuple[dict[str, 
     return out
 
 
-def _max_or_none(values: Iterator[float | None] | Any) -> float | None:
+def _max_or_none(values: Iterable[float | None]) -> float | None:
     vals = [v for v in values if v is not None]
     return max(vals) if vals else None
 

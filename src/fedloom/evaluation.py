@@ -16,6 +16,8 @@ import torch.nn.functional as F
 from .data.datasets import Dataset
 from .metrics import macro_f1
 
+NO_EXAMPLES = {"num_examples": 0, "loss": float("nan"), "accuracy": float("nan"), "macro_f1": float("nan")}
+
 
 @dataclass
 class Predictions:
@@ -30,7 +32,7 @@ class Predictions:
     def summary(self, num_classes: int) -> dict[str, float]:
         n = int(self.labels.numel())
         if n == 0:
-            return {"num_examples": 0, "loss": float("nan"), "accuracy": float("nan"), "macro_f1": float("nan")}
+            return dict(NO_EXAMPLES)
         return {
             "num_examples": n,
             "loss": float(self.losses.double().mean()),
@@ -64,8 +66,7 @@ def client_summaries(preds: Predictions, test_idx: list[np.ndarray], num_classes
              + torch.bincount(owner * k + p, minlength=n_clients * k)).view(n_clients, k).double()
     f1 = torch.where(denom > 0, 2 * tp / denom.clamp(min=1), torch.zeros_like(tp))
     macro = f1.sum(1) / (denom > 0).sum(1)
-    return [{"num_examples": int(n), "loss": lo, "accuracy": a, "macro_f1": f} if n else
-            {"num_examples": 0, "loss": float("nan"), "accuracy": float("nan"), "macro_f1": float("nan")}
+    return [{"num_examples": int(n), "loss": lo, "accuracy": a, "macro_f1": f} if n else dict(NO_EXAMPLES)
             for n, lo, a, f in zip(sizes.tolist(), loss.tolist(), acc.tolist(), macro.tolist(), strict=True)]
 
 
