@@ -111,12 +111,7 @@ def test_passthrough_hands_over_the_vector_and_counts_the_exact_encoded_size():
     assert got.metrics["loss"] == decoded.metrics["loss"] and np.isnan(got.metrics["bad"])
 
 
-def test_passthrough_really_encodes_a_codec_it_cannot_skip(monkeypatch):
-    from fedloom.pipeline import codecs
-
-    half = codecs.Codec("f16", lambda v: v.to(torch.float16).numpy().tobytes(),
-                        lambda b, n: torch.from_numpy(np.frombuffer(b, dtype=np.float16).astype(np.float32)))
-    monkeypatch.setitem(codecs.CODECS, "f16", half)
+def test_passthrough_really_encodes_a_codec_it_cannot_skip():
     vec = torch.tensor([1.0001, 2.0, 3.0])
     msg = wire.Message("update", 1, 0, "abc", vec, 1, {}, codec="f16")
     got, nbytes = wire.passthrough(msg)
@@ -124,7 +119,7 @@ def test_passthrough_really_encodes_a_codec_it_cannot_skip(monkeypatch):
     assert torch.equal(got.vector, vec.to(torch.float16).float())  # the codec's loss is applied
 
 
-def test_stack_rows_is_zero_copy_for_rows_of_one_matrix_and_reuses_a_free_buffer():
+def test_stack_rows_is_zero_copy_for_rows_of_one_matrix_and_reuses_a_released_buffer():
     from fedloom.params import ReusedBuffer, stack_rows
 
     m = torch.randn(5, 8)
@@ -135,14 +130,34 @@ def test_stack_rows_is_zero_copy_for_rows_of_one_matrix_and_reuses_a_free_buffer
     rows = [torch.randn(8) for _ in range(3)]
     first = stack_rows(rows, buf)
     ptr = first.data_ptr()
-    assert torch.equal(first, torch.stack(rows))
-    held = first  # still referenced: the next round must not overwrite it
-    second = stack_rows([r + 1 for r in rows], buf)
-    assert second.data_ptr() != ptr and torch.equal(held, torch.stack(rows))
+    assert torch.equal(first, torch.stack(rows)) and buf.lent
+    second = stack_rows([r + 1 for r in rows], buf)  # not released: the first is still its holder's
+    assert second.data_ptr() != ptr and torch.equal(first, torch.stack(rows))
     ptr = second.data_ptr()
-    del first, held, second  # nothing refers to it now: reused
+    buf.release()
     third = stack_rows(rows, buf)
     assert third.data_ptr() == ptr and torch.equal(third, torch.stack(rows))
+
+
+def _row1_of_storage(s: torch.UntypedStorage) -> torch.Tensor:
+    return torch.empty(0).set_(s, 0, (2, 3))[1]
+
+
+@pytest.mark.parametrize("keep, row1", [(lambda t: t[1], lambda v: v), (lambda t: t.detach(), lambda v: v[1]),
+                                        (lambda t: t.numpy(), lambda v: torch.from_numpy(v[1])),
+                                        (lambda t: t.untyped_storage(), _row1_of_storage)])
+def test_a_view_kept_of_a_lent_buffer_is_never_written_over(keep, row1):
+    """Counting references to the tensor missed `.detach()`, `.numpy()` and storages (none refers to the tensor
+    object): a lent buffer is not lent again, whatever still refers to its memory, until it is released."""
+    from fedloom.params import ReusedBuffer
+
+    buf = ReusedBuffer()
+    t = buf.get(2, 3)
+    t.copy_(torch.arange(6.0).view(2, 3))
+    kept = keep(t)
+    del t
+    buf.get(2, 3).fill_(-1.0)
+    assert torch.equal(row1(kept), torch.tensor([3.0, 4.0, 5.0]))
 
 
 @pytest.mark.parametrize("overlap", [False, True])

@@ -32,7 +32,8 @@ def _federation(tmp_path, data, model, **over):
                        "run": {"seed": 7, "rounds": 3}, **over})
     store = RunStore(tmp_path / "db.sqlite")
     store.create_run("r", "r", {}, 7, {}, str(tmp_path), cfg.run.rounds, [])
-    return cfg, Federation(cfg, data, lambda: copy.deepcopy(model), build_engine("sequential"), store, "r", tmp_path)
+    return cfg, Federation(cfg, data, lambda: copy.deepcopy(model), build_engine("sequential"), store, "r",
+                      store.path.with_suffix(".run"))  # one folder per federation: its client state file
 
 
 def _net():
@@ -149,19 +150,41 @@ def test_client_sampling_is_seeded_and_sized(runs_dir):
         [c["client_id"] for c in store.client_rounds(res.run_id, "fit")]
 
 
-def test_nan_stops_run_cleanly_with_state_saved(runs_dir):
-    res = fedloom.run(small_config(train__lr=1e6, train__momentum=0.9, run__rounds=6), make_report=False)
-    assert res.status == "diverged"
-    assert "NaN" in res.message or "rose" in res.message
-    assert "train.lr" in res.message
+def test_nan_stops_run_cleanly_with_the_last_good_model_saved(runs_dir, monkeypatch):
+    """Client 1 diverges in round 3 (a NaN learning rate: every weight it sends is NaN): the run stops as
+    diverged, the global model is not updated, and the checkpoint on disk is exactly the model of round 2,
+    which a run of 2 rounds reproduces."""
+    import dataclasses
+
+    from fedloom.client import work
+    from fedloom.params import load_tensors
+
+    real_fit = work.ClientRuntime.fit
+
+    def diverging(self, task):
+        if task.round == 3 and task.client_id == 1:
+            task = dataclasses.replace(task, lr=float("nan"))
+        return real_fit(self, task)
+
+    monkeypatch.setattr(work.ClientRuntime, "fit", diverging)
+    cfg = small_config(run__rounds=6, run__engine="sequential")
+    res = fedloom.run(cfg, make_report=False)
+    assert res.status == "diverged", res.message
+    assert "round 3" in res.message and "NaN" in res.message
     store = RunStore(runs_dir / "fedloom.db")
     rec = store.get_run(res.run_id)
     assert rec.status == "diverged" and rec.rounds_completed < 6
+    rounds = store.rounds(res.run_id)
+    assert [r["metrics"]["updated"] for r in rounds] == [True, True, False]
     ckpt = res.summary["checkpoint"]
-    if ckpt is not None:  # the last good model is on disk and finite
-        from fedloom.params import load_tensors
+    assert ckpt is not None and ckpt.endswith("round-00002.safetensors")
+    saved = load_tensors(ckpt)
+    assert all(torch.isfinite(t).all() for t in saved.values())
 
-        assert all(torch.isfinite(t).all() for t in load_tensors(ckpt).values())
+    monkeypatch.setattr(work.ClientRuntime, "fit", real_fit)
+    good = fedloom.run(small_config(run__rounds=2, run__engine="sequential"), make_report=False)
+    ref = load_tensors(good.summary["checkpoint"])
+    assert saved.keys() == ref.keys() and all(torch.equal(saved[k], ref[k]) for k in ref)
 
 
 def test_rising_loss_is_detected(tmp_path):

@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -98,27 +97,43 @@ def load_vector(model: torch.nn.Module, spec: ParamSpec, vec: torch.Tensor) -> N
 
 
 class ReusedBuffer:
-    """A tensor handed out again on the next call if nothing else refers to it any more (a view of it holds a
-    reference). A round's stacked updates can be 100 MB, and a fresh allocation that size costs more in page
-    faults than the arithmetic done on it."""
+    """One tensor lent out at a time, lent again only after its holder has returned it.
+
+    A round's stacked updates can be 100 MB, and a fresh allocation that size costs more in page faults than
+    the arithmetic done on it. Whether the memory is free is never guessed (counting references to the tensor
+    object misses its `.detach()`, `.numpy()` and storage, which share the memory without referring to it):
+    `get` lends the tensor and `release` is the holder's statement that neither it nor anything sharing its
+    memory is used any more. A `get` while the last tensor is still lent allocates a fresh one and leaves the
+    lent one to its holder.
+    """
 
     def __init__(self) -> None:
         self._tensor: torch.Tensor | None = None
+        self._lent = False
+
+    @property
+    def lent(self) -> bool:
+        return self._lent
 
     def get(self, *shape: int) -> torch.Tensor:
-        t, self._tensor = self._tensor, None
-        if t is None or t.shape != shape or sys.getrefcount(t) > 2:  # 2: `t` and getrefcount's argument
+        t = self._tensor
+        if t is None or self._lent or tuple(t.shape) != shape:
             t = torch.empty(shape)
-        self._tensor = t
+        self._tensor, self._lent = t, True
         return t
 
+    def release(self) -> None:
+        """The tensor last handed out, and every view of it, will not be read or written again by its holder."""
+        self._lent = False
+
     def clear(self) -> None:
-        self._tensor = None
+        self._tensor, self._lent = None, False
 
 
 def stack_rows(rows: list[torch.Tensor], buffer: ReusedBuffer | None = None) -> torch.Tensor:
     """`torch.stack(rows)` of equal-length float32 vectors, without copying when they already are consecutive
-    rows of one contiguous matrix (the vectorized engine's updates), else into `buffer` when given."""
+    rows of one contiguous matrix (the vectorized engine's updates), else into `buffer` when given: the result is
+    then lent from it, and the caller `release`s the buffer once it is done with the result."""
     first = rows[0]
     n, k = first.numel(), len(rows)
     step = n * first.element_size()

@@ -13,7 +13,9 @@ from typing import Any
 
 import torch
 
-from ..server.aggregators import example_weights, weighted_mean
+from ..config import ServerConfig
+from ..errors import ConfigError
+from ..server.aggregators import example_weights
 from .base import Algorithm, ClientContext, ClientOutput, State, param_mask
 
 
@@ -54,7 +56,9 @@ class Scaffold(Algorithm):
         dy, dc = updates[:, :d], updates[:, d:]
         # x moves by the example-weighted mean (so zero control variates give FedAvg exactly);
         # c by |S|/N times the mean of the Δc_i, i.e. their sum over N.
-        return weighted_mean(dy, example_weights(num_examples)), {"c": state["c"] + dc.sum(0) / self.num_clients}
+        per_client = torch.full((len(num_examples),), 1.0 / self.num_clients)
+        return (self.aggregator.combine(dy, example_weights(num_examples)),
+                {"c": state["c"] + self.aggregator.combine(dc, per_client)})
 
     def client_fit(self, ctx: ClientContext) -> ClientOutput:
         c = ctx.extras[0]
@@ -71,15 +75,31 @@ class Scaffold(Algorithm):
 
         result = ctx.train_local(post_step=correct)
         y = ctx.vector()
+        if result.steps == 0:  # no data, no local step: nothing was learnt about this client's drift, c_i stays
+            return ClientOutput(torch.cat([ctx.delta(y), torch.zeros_like(c)]), result.num_examples, ctx.metrics,
+                                dict(ctx.state))
         # option II: c_i+ = c_i - c + (x - y) / (K lr), on trainable entries only
         mask = param_mask(ctx.model, ctx.spec)
-        c_new = torch.where(mask, c_i - c + (ctx.start - y) / (max(result.steps, 1) * ctx.lr), c_i)
+        c_new = torch.where(mask, c_i - c + (ctx.start - y) / (result.steps * ctx.lr), c_i)
         return ClientOutput(torch.cat([ctx.delta(y), c_new - c_i]), result.num_examples, ctx.metrics, {"c": c_new})
 
 
 class FedDyn(Algorithm):
+    """The server sets the model itself (mean of the participants' models - h/α), so the server optimizer must be
+    the identity step x + Δ: any other server setting is refused rather than silently mixed into it."""
+
     name = "feddyn"
     stateful = True
+
+    def __init__(self, cfg: ServerConfig, num_clients: int):
+        super().__init__(cfg, num_clients)
+        wrong = [f"{key} = {value!r}" for key, value, ok in (
+            ("server.optimizer", cfg.optimizer, cfg.optimizer == "sgd"), ("server.lr", cfg.lr, cfg.lr == 1.0),
+            ("server.momentum", cfg.momentum, cfg.momentum == 0.0)) if not ok]
+        if wrong:
+            raise ConfigError(f"feddyn sets the server model by its own rule, which holds only with the plain server "
+                              f"step (server.optimizer = \"sgd\", server.lr = 1, server.momentum = 0); "
+                              f"got {', '.join(wrong)}", "remove those server settings for feddyn")
 
     def init_state(self, params: torch.Tensor) -> State:
         return {"h": torch.zeros_like(params)}
@@ -88,8 +108,11 @@ class FedDyn(Algorithm):
                   state: State, lr: float) -> tuple[torch.Tensor, State]:
         # h <- h - α/m Σ_{k in P} Δ_k ;  new x = mean_P(θ_k) - h/α  (uniform mean over participants, as published)
         alpha = self.cfg.dyn_alpha
-        h = state["h"] - alpha * updates.sum(0) / self.num_clients
-        return updates.mean(0) - h / alpha, {"h": h}
+        k = updates.shape[0]
+        # buffers (BatchNorm statistics) keep h = 0, so they are averaged as in FedAvg: h would pile their changes up
+        h = state["h"] - alpha * self.on_trainable(
+            self.aggregator.combine(updates, torch.full((k,), 1.0 / self.num_clients)))
+        return self.aggregator.combine(updates, torch.full((k,), 1.0 / k)) - h / alpha, {"h": h}
 
     def client_fit(self, ctx: ClientContext) -> ClientOutput:
         alpha = self.cfg.dyn_alpha

@@ -4,7 +4,7 @@ the global model towards their own optimum.
 Client i reports its update Δ_i and a_i, the l1 norm of its local "step weights": τ_i for plain SGD, and
 for SGD with momentum ρ, a_i = (τ_i - ρ(1 - ρ^τ_i)/(1 - ρ)) / (1 - ρ) (as in NIID-Bench's FedNova). The
 server moves by τ_eff Σ p_i Δ_i / a_i with τ_eff = Σ p_i a_i and p_i = n_i / n. With equal a_i this is
-exactly FedAvg's Σ p_i Δ_i.
+exactly FedAvg's Σ p_i Δ_i. Buffers (BatchNorm statistics) are averaged as in FedAvg.
 """
 
 from __future__ import annotations
@@ -40,4 +40,6 @@ class FedNova(Algorithm):
         a = torch.tensor([m["nova_a"] for m in metrics], dtype=torch.float64)
         tau_eff = float((p * a).sum())
         coef = (tau_eff * p / a).to(updates.dtype)
-        return coef @ updates, state
+        # buffers (BatchNorm statistics) are not step sums to normalize: their coefficients need not sum to 1, and
+        # would move a running variance past zero; they take FedAvg's mean
+        return self.average_buffers(self.aggregator.combine(updates, coef), updates, p), state

@@ -7,8 +7,12 @@
   takes three batches: w' = w - α ∇f(w; D1), then w <- w - β (I - α ∇²f(w; D3)) ∇f(w'; D2), the
   Hessian-vector product exact by double backpropagation ("hf"), or dropped ("fo", first order).
   Personalization is one α-step on one local batch.
-- FedBN (Li et al. 2021): normalization layers (weights and running statistics) never leave the client;
-  everything else is averaged. Use a model with BatchNorm, e.g. `simple-cnn-bn`.
+- FedBN (Li et al. 2021): BatchNorm layers (weights and running statistics) never leave the client;
+  everything else is averaged, other normalizations (GroupNorm, LayerNorm) included, as in the paper. Use a
+  model with BatchNorm, e.g. `simple-cnn-bn`.
+
+Personalized metrics come only from clients that have a model of their own (`has_personal_model`): a Ditto or
+FedBN client that has never trained would be the global model under another name.
 """
 
 from __future__ import annotations
@@ -35,6 +39,8 @@ class Ditto(Algorithm):
         w = ctx.start.clone()
         result = ctx.train_local()
         delta, metrics = ctx.delta(), dict(ctx.metrics)
+        if result.steps == 0:  # no data: no personal model to make, and the one it may have stays as it was
+            return ClientOutput(delta, result.num_examples, metrics, dict(ctx.state))
         # the personal model: same amount of local work, pulled towards this round's global model
         ctx.load(ctx.state.get("personal", w))
         k = ctx.lr * self.cfg.ditto_lambda
@@ -51,6 +57,9 @@ class Ditto(Algorithm):
 
     def personalize(self, ctx: ClientContext) -> torch.Tensor | None:
         return ctx.state.get("personal")
+
+    def has_personal_model(self, state: State) -> bool:
+        return "personal" in state
 
     def describe(self) -> dict[str, Any]:
         return {"algorithm": self.name, "ditto_lambda": self.cfg.ditto_lambda}
@@ -121,7 +130,8 @@ class PerFedAvg(Algorithm):
                 "perfedavg_variant": self.cfg.perfedavg_variant}
 
 
-_NORMS = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm, nn.InstanceNorm1d, nn.InstanceNorm2d)
+_ALL_NORMS = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm, nn.modules.instancenorm._InstanceNorm)
+_LOCAL = (nn.modules.batchnorm._BatchNorm,)  # FedBN keeps BatchNorm (1d/2d/3d, SyncBatchNorm) home, as the paper
 
 
 class FedBN(Algorithm):
@@ -129,22 +139,33 @@ class FedBN(Algorithm):
     stateful = True
 
     def shared_mask(self, model: torch.nn.Module, spec: ParamSpec) -> torch.Tensor | None:
-        local = [f"{name}." for name, m in model.named_modules() if isinstance(m, _NORMS)]
+        kinds = _LOCAL if self.cfg.fedbn_norms == "batch" else _ALL_NORMS
+        local = [f"{name}." for name, m in model.named_modules() if isinstance(m, kinds)]
         if not local:
+            if self.cfg.fedbn_norms == "batch":
+                raise ConfigError("fedbn keeps BatchNorm layers local, but this model has none (other normalization "
+                                  "layers, GroupNorm and LayerNorm, are shared as in the FedBN paper)",
+                                  'use a model with BatchNorm, e.g. model.name = "simple-cnn-bn", or '
+                                  'server.fedbn_norms = "all" to keep every normalization layer local')
             raise ConfigError("fedbn keeps normalization layers local, but this model has none",
                               'use a model with BatchNorm, e.g. model.name = "simple-cnn-bn"')
         mask = torch.ones(spec.size, dtype=torch.bool)
         for e in spec.entries:
             if e.name.startswith(tuple(local)):
                 mask[e.offset : e.offset + e.numel] = False
-        return mask
+        return self.bind(model, spec, mask)
 
     def client_fit(self, ctx: ClientContext) -> ClientOutput:
         result = ctx.train_local()
+        if result.steps == 0:  # no data: its BatchNorm layers were never fitted to anything, keep what it had
+            return ClientOutput(ctx.delta(), result.num_examples, ctx.metrics, dict(ctx.state))
         return ClientOutput(ctx.delta(), result.num_examples, ctx.metrics, {"local": ctx.vector()})
 
     def personalize(self, ctx: ClientContext) -> torch.Tensor | None:
-        return ctx.start  # the shared layers from the server, this client's own normalization layers
+        return ctx.start  # the shared layers from the server, this client's own BatchNorm layers
+
+    def has_personal_model(self, state: State) -> bool:
+        return "local" in state
 
 
 __all__ = ["Ditto", "FedBN", "PerFedAvg", "State"]

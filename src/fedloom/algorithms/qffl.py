@@ -6,7 +6,8 @@ training data and its usual update; with L = 1/lr (the paper's Lipschitz estimat
     w_new = w - Σ_k F_k^q Δw_k / Σ_k h_k,   h_k = q F_k^(q-1) ||Δw_k||² + L F_k^q.
 
 q = 0 gives w + mean_k(w_k - w): FedAvg with uniform weights (the paper samples clients in proportion to
-their data instead of weighting them). Larger q flattens the accuracy across clients.
+their data instead of weighting them). Larger q flattens the accuracy across clients. The norms are over
+trainable parameters; buffers (BatchNorm statistics) take the uniform mean of the clients' values.
 """
 
 from __future__ import annotations
@@ -35,10 +36,12 @@ class QFFL(Algorithm):
         q, lip = self.cfg.q, 1.0 / lr
         u = updates.to(torch.float64)
         f = torch.tensor([max(m["start_loss"], 1e-10) for m in metrics], dtype=torch.float64)
-        dw_sq = (lip**2) * (u * u).sum(1)  # ||Δw_k||² with Δw_k = -L u_k
+        ut = self.on_trainable(u)  # the norm is the parameters': a BatchNorm step counter's change would dominate it
+        dw_sq = (lip**2) * (ut * ut).sum(1)  # ||Δw_k||² with Δw_k = -L u_k
         h = q * f.pow(q - 1) * dw_sq + lip * f.pow(q)
-        step = (f.pow(q) * lip) @ u / h.sum()  # -Σ F^q Δw_k / Σ h, in update (local - global) terms
-        return step.to(updates.dtype), state
+        step = self.aggregator.combine(u, f.pow(q) * lip / h.sum())  # -Σ F^q Δw_k / Σ h, in update terms
+        uniform = torch.full((len(metrics),), 1.0 / len(metrics), dtype=torch.float64)
+        return self.average_buffers(step, u, uniform).to(updates.dtype), state  # buffers: averaged, as at q = 0
 
     def describe(self) -> dict[str, Any]:
         return {"algorithm": self.name, "q": self.cfg.q}

@@ -3,7 +3,9 @@
 Same shape as optax: `init(params) -> state`, `step(params, update, state) -> (params, state)`, with the
 state a dict of tensors so it checkpoints as-is. The aggregated update Δ is a descent direction, so the
 pseudo-gradient is g = -Δ; SGD with lr 1 and no momentum gives x + Δ, which is exactly FedAvg.
-Momentum is FedAvgM; the adaptive ones are FedAdagrad / FedAdam / FedYogi.
+Momentum is FedAvgM; the adaptive ones are FedAdagrad / FedAdam / FedYogi. They step trainable parameters
+only (`masked_step`): buffers such as BatchNorm running statistics are not gradients' targets and take their
+aggregated value.
 """
 
 from __future__ import annotations
@@ -71,6 +73,17 @@ class ServerAdaptive:
 
 
 ServerOptimizer = ServerSGD | ServerAdaptive
+
+
+def masked_step(opt: ServerOptimizer, params: torch.Tensor, update: torch.Tensor, state: State,
+                mask: torch.Tensor | None) -> tuple[torch.Tensor, State]:
+    """`opt.step` where `mask` is True (None: everywhere); elsewhere params + update, the optimizer state there
+    left as it was. The state stays full size, so checkpoints keep one layout whatever the model's buffers."""
+    new, new_state = opt.step(params, update, state)
+    if mask is None:
+        return new, new_state
+    return (torch.where(mask, new, params + update),
+            {k: torch.where(mask, v, state[k]) for k, v in new_state.items()})
 
 
 def build_server_optimizer(cfg: ServerConfig) -> ServerOptimizer:
