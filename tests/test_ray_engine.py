@@ -68,7 +68,8 @@ class Crashy(Algorithm):
 def _federation(tmp_path, cfg, engine) -> Federation:
     data, factory = prepare(cfg)
     store = RunStore(tmp_path / f"{engine.name}.sqlite")
-    return Federation(cfg, data, factory, engine, store, "r", tmp_path)
+    return Federation(cfg, data, factory, engine, store, "r",
+                      store.path.with_suffix(".run"))  # one folder per federation: its client state file
 
 
 def _final_model(store: RunStore, run_id: str) -> dict[str, torch.Tensor]:
@@ -90,6 +91,18 @@ def test_fedavg_run_matches_sequential(local_ray, runs_dir):
         assert ra["train_loss"] == pytest.approx(rb["train_loss"], abs=1e-5)
         assert ra["test_accuracy"] == pytest.approx(rb["test_accuracy"], abs=1e-6)
     assert ray.is_initialized()  # the engine closed, but did not shut down a Ray it had not started
+
+
+@needs_ray
+def test_codec_pipeline_with_error_feedback_matches_sequential(local_ray, runs_dir):
+    over = dict(run__rounds=3, pipeline__upload=["topk:0.1", "q8", "zstd"], pipeline__error_feedback=True,
+                pipeline__download=["bf16"], server__fraction=0.75)
+    seq = fedloom.run(small_config(**over), engine="sequential", make_report=False)
+    on_ray = fedloom.run(small_config(**over), engine="ray", make_report=False)
+    store = RunStore(runs_dir / "fedloom.db")
+    a, b = _final_model(store, seq.run_id), _final_model(store, on_ray.run_id)
+    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+    assert [r["bytes_up"] for r in store.rounds(seq.run_id)] == [r["bytes_up"] for r in store.rounds(on_ray.run_id)]
 
 
 @needs_ray

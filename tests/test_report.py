@@ -4,11 +4,12 @@ import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from fedloom.reporting import make_plots, write_report, write_tensorboard
-from fedloom.reporting.html import fmt_bytes, fmt_pct
+from fedloom.reporting.html import fmt_bytes, fmt_pct, pipeline_used
+from fedloom.reporting.plots import accuracy_by_mb
 from fedloom.store import RunStore
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-PLOT_KEYS = {"accuracy_loss", "client_spread", "fairness", "label_heatmap", "update_norms"}
+PLOT_KEYS = {"accuracy_loss", "accuracy_mb", "client_spread", "fairness", "label_heatmap", "update_norms"}
 ACCURACY = {1: 0.52, 2: 0.7345, 3: 0.71}  # the best round is not the last
 CONFIG = {
     "name": "tiny",
@@ -86,8 +87,41 @@ def test_html_report_is_self_contained_and_complete(store, tmp_path):
     assert "<h2>Fairness across clients</h2>" in page and "<th>mean client accuracy</th>" in page
     assert '<td class="num">61.00%</td>' in page and "3 clients, each counting once." in page
     assert "<h2>Diagnosis</h2>" in page and "<h2>Personalization</h2>" not in page
+    assert "upload codec" not in page  # f32 both ways: no codec rows in the summary
     for key in PLOT_KEYS:
         assert (tmp_path / run_id / f"{key}.png").read_bytes().startswith(PNG_MAGIC)
+
+
+def test_accuracy_against_cumulative_mb_uploaded(store, tmp_path):
+    run_id = make_run(store, tmp_path)  # round r uploads r MB: 1, 3, 6 MB by the end of rounds 1, 2, 3
+    rounds = store.rounds(run_id)
+    assert accuracy_by_mb(rounds) == ([1.0, 3.0, 6.0], [ACCURACY[1], ACCURACY[2], ACCURACY[3]])
+    rounds[1]["test_accuracy"] = None  # an unevaluated round has no point, but its bytes still count
+    assert accuracy_by_mb(rounds) == ([1.0, 6.0], [ACCURACY[1], ACCURACY[3]])
+    assert accuracy_by_mb([]) == ([], [])
+    page = write_report(store, run_id).read_text()
+    titles = ["Accuracy and loss", "Accuracy against data uploaded", "Accuracy across clients"]
+    positions = [page.index(f"<h2>{t}</h2>") for t in titles]
+    assert positions == sorted(positions)  # right after accuracy per round
+    figure = page[positions[1]:positions[2]]
+    assert figure.count('src="data:image/png;base64,') == 1 and "megabytes" in figure
+
+
+def test_summary_shows_the_codecs_a_run_used(store, tmp_path):
+    plain = make_run(store, tmp_path)
+    assert pipeline_used(store.rounds(plain)) == {}  # f32 both ways: the summary has no codec rows
+    clients = [(0, 100, 30, [50, 50])]
+    store.create_run("coded", "coded", CONFIG, 7, {}, str(tmp_path / "coded"), 2, clients)
+    pipeline = {"client_transforms": ["clip"], "upload_codec": "topk:0.01+q8+zstd", "error_feedback": True,
+                "download_codec": "q8", "download_delta": True}
+    for r in (1, 2):
+        row = round_row(r)
+        row["metrics"].update(pipeline)
+        store.record_round("coded", r, row, [], wall_seconds=float(r))
+    page = write_report(store, "coded").read_text()
+    assert "<th>upload codec</th><td>topk:0.01+q8+zstd with error feedback</td>" in page
+    assert "<th>download codec</th><td>q8 of the delta</td>" in page
+    assert "<th>client transforms</th><td>clip</td>" in page
 
 
 def test_plots_are_png_files(store, tmp_path):

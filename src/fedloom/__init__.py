@@ -2,8 +2,8 @@
 
 __version__ = "0.1.0"
 
-from .api import RunResult, datasets, diagnose, report, resume, run, runs, show  # noqa: E402
+from .api import RunResult, compare, datasets, diagnose, report, resume, run, runs, show  # noqa: E402
 from .config import ExperimentConfig, load_config  # noqa: E402
 
-__all__ = ["ExperimentConfig", "RunResult", "__version__", "datasets", "diagnose", "load_config", "report", "resume",
-           "run", "runs", "show"]
+__all__ = ["ExperimentConfig", "RunResult", "__version__", "compare", "datasets", "diagnose", "load_config", "report",
+           "resume", "run", "runs", "show"]

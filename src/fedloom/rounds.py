@@ -8,6 +8,7 @@ moment resumes from its last recorded round and, because every random draw is de
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections.abc import Callable
@@ -17,10 +18,12 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import safe_open
 
 from .algorithms import build_algorithm
+from .client.state_store import ClientStateStore
 from .client.trainer import round_lr
-from .client.work import ClientRuntime, ClientTask
+from .client.work import ALG, ClientRuntime, ClientTask, joined, part
 from .config import ExperimentConfig
 from .data.federated import FederatedData
 from .engines import ClientFailure, Engine
@@ -30,10 +33,12 @@ from .metrics import fairness, spread
 from .models.layout import fast_layout
 from .params import ParamSpec, ReusedBuffer, load_tensors, load_vector, model_vector, save_tensors, stack_rows
 from .pipeline import wire
-from .rng import numpy_rng
+from .pipeline.codecs import parse_codec
+from .rng import numpy_rng, torch_rng
 from .store import RunStore
 
 Callback = Callable[[dict[str, Any]], None]
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -52,17 +57,32 @@ class Federation:
         self.store, self.run_id, self.out_dir = store, run_id, out_dir
         self.model = fast_layout(model_factory())  # seeded: this is the initial global model
         self.algorithm = build_algorithm(cfg.server, data.num_clients)
-        self.runtime = ClientRuntime(model_factory, data, cfg.train, self.algorithm, cfg.eval)
+        self.runtime = ClientRuntime(model_factory, data, cfg.train, self.algorithm, cfg.eval, cfg.pipeline)
         self.spec: ParamSpec = self.runtime.spec
         self.shared = self.runtime.shared  # entries that travel (None: all)
         engine.check(self.runtime)
         self.params = model_vector(self.model, self.spec)
         self.opt_state = self.algorithm.server_optimizer.init(self.params)
         self.alg_state = self.algorithm.init_state(self._shared(self.params))
-        self.client_states: dict[int, dict[str, torch.Tensor]] = {}  # kept for the clients, never aggregated
+        # what each client keeps across rounds (algorithm and pipeline state): on disk, per client and round
+        self.client_store = ClientStateStore(out_dir / "client_state.sqlite")
+        self.download = parse_codec(cfg.pipeline.download)
+        # download_delta: the reconstruction the holders have of the last broadcast, its round, and who holds it
+        self.down_ref: torch.Tensor | None = None
+        self.down_round = 0
+        self.down_holders: set[int] = set()
+        self._down_pending: tuple[torch.Tensor, int, set[int]] | None = None
         self.personalized = self.algorithm.personalizes or cfg.eval.finetune_epochs > 0
         self.train_losses: list[float] = []
         self._updates = ReusedBuffer()  # the round's stacked updates
+
+    def close(self) -> None:
+        self.client_store.close()
+
+    @property
+    def client_states(self) -> dict[int, dict[str, torch.Tensor]]:
+        """Every client's algorithm state as of now, read from the store (for inspection and tests)."""
+        return {c: part(s, ALG) for c, s in self.client_store.get_many(self.client_store.clients()).items()}
 
     def _shared(self, vec: torch.Tensor) -> torch.Tensor:
         return vec if self.shared is None else vec[self.shared]
@@ -73,14 +93,23 @@ class Federation:
         tensors = {f"model/{k}": v for k, v in self.spec.unflatten(self.params).items()}
         tensors.update({f"server/{k}": v for k, v in self.opt_state.items()})
         tensors.update({f"algorithm/{k}": v for k, v in self.alg_state.items()})
-        tensors.update({f"client/{c}/{k}": v for c, st in self.client_states.items() for k, v in st.items()})
+        if self.down_ref is not None:
+            tensors.update({"download/ref": self.down_ref, "download/round": torch.tensor(self.down_round),
+                            "download/holders": torch.tensor(sorted(self.down_holders), dtype=torch.int64)})
+        # client states are not in the checkpoint: the client state store holds every client's version at or
+        # before this round, and resuming from here drops the newer ones
         save_tensors(path, tensors, {"round": round_, "spec": self.spec.hash(), "run_id": self.run_id})
         return path
 
     def prune_checkpoints(self) -> None:
+        """Keep the newest `keep_checkpoints`, and the newest checkpoint at or before the best evaluated round:
+        when a run diverges, the newest are the diverging models, and that one is the last good model."""
         ckpts = sorted((self.out_dir / "checkpoints").glob("round-*.safetensors"))
-        for old in ckpts[: -self.cfg.run.keep_checkpoints]:
-            old.unlink(missing_ok=True)
+        best = self.store.best_checkpoint(self.run_id)
+        keep = {p.name for p in ckpts[-self.cfg.run.keep_checkpoints:]} | ({Path(best).name} if best else set())
+        for old in ckpts:
+            if old.name not in keep:
+                old.unlink(missing_ok=True)
 
     def load_checkpoint(self, path: str | Path) -> None:
         tensors = load_tensors(path)
@@ -88,11 +117,19 @@ class Federation:
         self.params = self.spec.flatten(model)
         self.opt_state = {k[len("server/"):]: v for k, v in tensors.items() if k.startswith("server/")}
         self.alg_state = {k[len("algorithm/"):]: v for k, v in tensors.items() if k.startswith("algorithm/")}
-        self.client_states = {}
+        if "download/ref" in tensors:
+            self.down_ref, self.down_round = tensors["download/ref"], int(tensors["download/round"])
+            self.down_holders = {int(c) for c in tensors["download/holders"].tolist()}
+        legacy: dict[int, dict[str, torch.Tensor]] = {}  # checkpoints before the client state store held them
         for k, v in tensors.items():
             if k.startswith("client/"):
                 _, cid, name = k.split("/", 2)
-                self.client_states.setdefault(int(cid), {})[name] = v
+                legacy.setdefault(int(cid), {})[name] = v
+        with safe_open(str(path), "pt") as f:
+            rnd = int((f.metadata() or {}).get("round", 0))
+        self.client_store.truncate_after(rnd)  # client states pair with this checkpoint: none newer
+        if legacy:
+            self.client_store.put(rnd, {c: joined(st, {}) for c, st in legacy.items()})
         self.train_losses = [r["train_loss"] for r in self.store.rounds(self.run_id)
                              if r["train_loss"] is not None]
 
@@ -102,6 +139,7 @@ class Federation:
         """Rounds `start_round..cfg.run.rounds`; returns the final status and, if stopped early, why."""
         t_start = time.perf_counter()
         total = self.cfg.run.rounds
+        self.client_store.truncate_after(start_round - 1)  # versions from a killed attempt at these rounds
         for r in range(start_round, total + 1):
             out = self.run_round(r)
             row = out.row
@@ -110,6 +148,7 @@ class Federation:
             wall = wall_before + time.perf_counter() - t_start
             self.store.record_round(self.run_id, r, row, row.pop("clients"), wall)
             self.prune_checkpoints()
+            self._prune_client_states()
             if callback:
                 callback({"round": r, "rounds": total, **row})
             if out.stop:
@@ -124,9 +163,51 @@ class Federation:
             return list(range(n))
         return sorted(int(c) for c in numpy_rng(self.cfg.run.seed, "select", round_).choice(n, k, replace=False))
 
+    def _prune_client_states(self) -> None:
+        """Drop client state versions that no checkpoint on disk can need any more."""
+        ckpts = sorted((self.out_dir / "checkpoints").glob("round-*.safetensors"))
+        if ckpts:
+            self.client_store.prune(int(ckpts[0].stem.split("-")[1]))
+
+    def _broadcast_vector(self) -> torch.Tensor:
+        return torch.cat([self._shared(self.params), *self.algorithm.broadcast_extras(self.alg_state)])
+
     def broadcast(self, round_: int) -> bytes:
-        vec = torch.cat([self._shared(self.params), *self.algorithm.broadcast_extras(self.alg_state)])
-        return wire.encode(wire.Message("broadcast", round_, -1, self.spec.hash(), vec))
+        """The global model (and the algorithm's extras) as the clients receive it: encoded with the download
+        codec; every client starts from what it decodes, while the server keeps its exact model."""
+        return self._encode_broadcast(round_, self._broadcast_vector())
+
+    def _encode_broadcast(self, round_: int, vec: torch.Tensor, delta_of: int | None = None) -> bytes:
+        msg = wire.Message("broadcast", round_, -1, self.spec.hash(), vec, codec=self.download.spec,
+                           metrics={} if delta_of is None else {"delta_of": delta_of})
+        if not self.download.lossless:
+            msg.payload = self.download.encode(vec, torch_rng(self.cfg.run.seed, "download", round_, delta_of or 0))
+        return wire.encode(msg)
+
+    def broadcasts(self, round_: int, clients: list[int]) -> dict[int, bytes]:
+        """What each client is sent. With `pipeline.download_delta`, a client that holds last round's model gets
+        only the change since, encoded with the download codec; the others get the model. The reference the
+        holders end up with is committed when the round is (`_commit_download`)."""
+        vec = self._broadcast_vector()
+        full = self._encode_broadcast(round_, vec)
+        if not self.cfg.pipeline.download_delta:
+            return dict.fromkeys(clients, full)
+        holders = [c for c in clients if c in self.down_holders and self.down_ref is not None]
+        if not holders:  # everyone starts from the model's reconstruction, which becomes the reference
+            self._down_pending = (wire.decode(full).vector, round_, set(clients))
+            return dict.fromkeys(clients, full)
+        assert self.down_ref is not None
+        delta = self._encode_broadcast(round_, vec - self.down_ref, delta_of=self.down_round)
+        ref = self.down_ref + wire.decode(delta).vector  # what the holders reconstruct, exactly
+        self._down_pending = (ref, round_, set(holders))
+        return {c: delta if c in self.down_holders else full for c in clients}
+
+    def _commit_download(self, stored: set[int]) -> None:
+        """The round counted: its reference stands, held by the recipients whose new state was kept."""
+        if self._down_pending is not None:
+            ref, round_, holders = self._down_pending
+            self.down_ref, self.down_round, self.down_holders = ref, round_, holders & stored
+            self._down_pending = None
 
     def local_work(self, round_: int, selected: list[int]) -> tuple[dict[int, tuple[int, int]], list[int]]:
         """(epochs, steps) per selected client, the config's or drawn for unequal work and stragglers; and
@@ -153,49 +234,58 @@ class Federation:
         cfg = self.cfg
         t0 = time.perf_counter()
         selected = self.select(round_)
-        broadcast = self.broadcast(round_)
+        sent = self.broadcasts(round_, selected)
         lr = round_lr(cfg.train, round_, cfg.run.rounds)
         work, stragglers_dropped = self.local_work(round_, selected)
-        tasks = [ClientTask(round_, c, lr, cfg.run.seed, broadcast, epochs=work[c][0], steps=work[c][1],
-                            state=self.client_states.get(c, {}))
-                 for c in selected if c not in stragglers_dropped]
+        running = [c for c in selected if c not in stragglers_dropped]
+        states = self.client_store.get_many(running)
+        tasks = [ClientTask(round_, c, lr, cfg.run.seed, sent[c], epochs=work[c][0], steps=work[c][1],
+                            state=states.get(c, {}))
+                 for c in running]
         results = self.engine.fit(self.runtime, tasks)
         t_train = time.perf_counter() - t0
 
-        messages, failed, new_states = [], [], {}
+        messages, failed, new_states, errors = [], [], {}, {}
         for res in results:
             if isinstance(res, ClientFailure):
                 if cfg.run.on_client_error == "fail":
                     raise ClientError(round_, res.client_id, res.traceback)
                 failed.append(res.client_id)
+                errors[str(res.client_id)] = _last_line(res.traceback)
+                log.warning("round %d: client %d dropped: %s", round_, res.client_id, errors[str(res.client_id)])
                 continue
             msg = res.message
             msg.metrics["seconds"] = res.seconds
             messages.append((res.nbytes, msg))
             if res.state is not None:
                 new_states[msg.client_id] = res.state
-        bytes_down = len(broadcast) * len(tasks)
+        bytes_down = sum(len(b) for b in sent.values())  # stragglers dropped later were sent the model too
         bytes_up = sum(n for n, _ in messages)
         messages = [(n, m) for n, m in messages if m.num_examples > 0]
         if not messages:
             raise ClientError(round_, -1, "no client returned an update with at least one example")
 
         t1 = time.perf_counter()
+        self._updates.release()  # nothing reads the last round's stack any more: it may be lent again
         updates = stack_rows([m.vector for _, m in messages], self._updates)
         num_examples = [m.num_examples for _, m in messages]
         agg, alg_state = self.algorithm.aggregate(updates, num_examples, [m.metrics for _, m in messages],
                                                   self.alg_state, lr)
         size = agg.numel()
         client_rows, stats, finite = self._update_stats(messages, updates[:, :size], agg)
+        if updates.shape[1] > size:  # what follows the parameter update (SCAFFOLD's Δc) must be finite too
+            rest = torch.isfinite(torch.linalg.vector_norm(updates[:, size:], dim=1)).tolist()
+            finite = [a and b for a, b in zip(finite, rest, strict=True)]
         train_loss = float(np.average([m.metrics["loss"] for _, m in messages], weights=num_examples))
         stop = self._non_finite(round_, messages, finite, agg, train_loss)
         updated = stop is None
         if updated:
             if self.shared is not None:
                 agg = torch.zeros_like(self.params).masked_scatter_(self.shared, agg)
-            self.params, self.opt_state = self.algorithm.server_optimizer.step(self.params, agg, self.opt_state)
+            self.params, self.opt_state = self.algorithm.server_step(self.params, agg, self.opt_state)
             self.alg_state = alg_state
-            self.client_states.update(new_states)
+            self.client_store.put(round_, new_states)
+            self._commit_download(set(new_states))
         t_agg = time.perf_counter() - t1
 
         row: dict[str, Any] = {
@@ -203,8 +293,8 @@ class Federation:
             "train_loss": train_loss,
             "metrics": {"lr": lr, **stats, "train_seconds": t_train, "aggregate_seconds": t_agg,
                         "dropped_clients": failed, "dropped_stragglers": stragglers_dropped, "updated": updated,
-                        "engine": self.engine.name,
-                        **self.algorithm.describe()},
+                        "engine": self.engine.name, **({"client_errors": errors} if errors else {}),
+                        **self.algorithm.describe(), **self._pipeline_info()},
         }
         if updated:
             self.train_losses.append(train_loss)
@@ -217,6 +307,19 @@ class Federation:
                 row["metrics"]["eval_seconds"] = time.perf_counter() - t2
         row["seconds"] = time.perf_counter() - t0
         return RoundOutcome(round_, row | {"clients": client_rows}, stop, updated, failed)
+
+    def _pipeline_info(self) -> dict[str, Any]:
+        """What the round's messages went through, when it is not the plain f32 path."""
+        info = self.runtime.pipeline.describe()
+        if self.runtime.pipeline.identity:
+            info = {}
+        if self.download.spec != "f32":
+            info["download_codec"] = self.download.spec
+        if self.cfg.pipeline.download_delta:
+            info["download_delta"] = True
+        if self.algorithm.aggregator.name != "mean":
+            info["aggregator"] = self.algorithm.aggregator.name
+        return info
 
     def _update_stats(self, messages, updates: torch.Tensor, agg: torch.Tensor):
         """Per-client update statistics, computed for all clients at once: one pass each for the norms, the
@@ -244,15 +347,19 @@ class Federation:
                     train_loss: float) -> str | None:
         """A client whose update norm is not finite (a NaN or Inf in it, or values past float32's range) or
         whose loss is not, refuses the round."""
+        from .errors import learning_rate_hint
+
         bad = [m.client_id for (_, m), ok in zip(messages, finite, strict=True)
                if not ok or not math.isfinite(m.metrics["loss"])]
         if bad or not torch.isfinite(agg).all() or not math.isfinite(train_loss):
             who = f"clients {bad}" if bad else "the aggregate"
             return (f"diverged in round {round_}: {who} produced NaN/Inf, so the global model was not updated; "
-                    f"try a lower learning rate (train.lr = {self.cfg.train.lr})")
+                    f"{learning_rate_hint(self.cfg)}")
         return None
 
     def _rising_loss(self, round_: int) -> str | None:
+        from .errors import learning_rate_hint
+
         run = self.cfg.run
         h = self.train_losses
         if not run.stop_on_divergence or len(h) <= run.divergence_patience:
@@ -262,7 +369,7 @@ class Federation:
         if rising and recent[-1] > run.divergence_factor * min(h):
             return (f"diverging at round {round_}: training loss rose for {run.divergence_patience} rounds in a "
                     f"row to {recent[-1]:.4g} ({recent[-1] / min(h):.1f}x its best {min(h):.4g}); "
-                    f"try a lower learning rate (train.lr = {self.cfg.train.lr})")
+                    f"{learning_rate_hint(self.cfg)}")
         return None
 
     def _evaluate(self, row: dict[str, Any]) -> list[dict[str, Any]]:
@@ -282,10 +389,17 @@ class Federation:
         return rows
 
     def _evaluate_personalized(self, round_: int, row: dict[str, Any]) -> list[dict[str, Any]]:
-        """Every client personalizes the global model its own way and tests it on its own split."""
+        """Every client that has a model of its own personalizes the global model its own way and tests it on its
+        own split. Clients without one (no training data; Ditto's or FedBN's never sampled) would only repeat the
+        global model under another name: they are left out, and `pers_clients` says how many are in."""
         broadcast = self.broadcast(round_)
+        states = self.client_store.get_many(c.id for c in self.data.clients)
+        own = [c for c in self.data.clients
+               if len(c.train_idx) > 0 and self.algorithm.has_personal_model(part(states.get(c.id, {}), ALG))]
         tasks = [ClientTask(round_, c.id, self.cfg.train.lr, self.cfg.run.seed, broadcast, kind="evaluate",
-                            state=self.client_states.get(c.id, {})) for c in self.data.clients]
+                            state=states.get(c.id, {})) for c in own]
+        # measured apart from training traffic: personalized evaluation is how fedloom reports, not how it trains
+        row["metrics"]["eval_bytes_down"] = len(broadcast) * len(tasks)
         rows = []
         for res in self.engine.fit(self.runtime, tasks):
             if isinstance(res, ClientFailure):
@@ -296,8 +410,14 @@ class Federation:
             rows.append({"client_id": msg.client_id, "kind": "personal", "num_examples": msg.num_examples,
                          "loss": msg.metrics["loss"], "accuracy": msg.metrics["accuracy"],
                          "macro_f1": msg.metrics["macro_f1"], "seconds": res.seconds})
+        row["metrics"]["pers_clients"] = len(rows)
         _summarize_clients(row["metrics"], rows, "pers", "pers_fair")
         return rows
+
+
+def _last_line(text: str) -> str:
+    lines = [ln for ln in text.strip().splitlines() if ln.strip()]
+    return lines[-1] if lines else "unknown error"
 
 
 def _summarize_clients(m: dict[str, Any], rows: list[dict[str, Any]], prefix: str, fair: str) -> None:

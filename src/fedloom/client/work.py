@@ -1,10 +1,12 @@
 """The unit of client work an engine executes: broadcast bytes in, an update message out.
 
-Engines differ only in where `ClientRuntime.run` executes and how its message travels back (as is in
-process, as wire bytes across processes); they all pass it the same `ClientTask` and get back the same
-message, so every engine computes the same round. A client's own state (SCAFFOLD's c_i,
-Ditto's personal model, FedBN's normalization layers) travels with the task and comes back with the
-result: in a deployment it never leaves the client, and in simulation the round logic keeps it for it.
+`ClientRuntime.fit` is the one client path: decode the broadcast, the algorithm's local work, then the
+client pipeline (transforms, error feedback, the upload codec). Engines differ only in where it runs and
+how its message travels back (as is in process, as wire bytes across processes); an engine that trains
+clients its own way (vectorized) still ends each client with `finish`, the same pipeline. A client's own
+state (the algorithm's, namespaced `alg/`, and the pipeline's, `pipe/`) travels with the task and comes
+back with the result: in a deployment it never leaves the client, in simulation the client state store
+keeps it for it.
 """
 
 from __future__ import annotations
@@ -15,12 +17,13 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ..config import EvalConfig, TrainConfig
+from ..config import EvalConfig, PipelineConfig, TrainConfig
 from ..data.federated import FederatedData
 from ..evaluation import predict
 from ..models.layout import fast_layout
 from ..params import ParamSpec, load_vector, model_vector
 from ..pipeline import wire
+from ..pipeline.transforms import ClientPipeline, StageContext
 from ..rng import torch_rng
 from .trainer import local_train
 
@@ -28,6 +31,16 @@ if TYPE_CHECKING:
     from ..algorithms import Algorithm, ClientContext
 
 State = dict[str, torch.Tensor]
+ALG, PIPE = "alg/", "pipe/"
+
+
+def part(state: State, prefix: str) -> State:
+    """The entries of one owner (`alg/` or `pipe/`) of a client's state, prefix removed."""
+    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+
+
+def joined(alg: State, pipe: State) -> State:
+    return {**{ALG + k: v for k, v in alg.items()}, **{PIPE + k: v for k, v in pipe.items()}}
 
 
 @dataclass(frozen=True)
@@ -40,20 +53,21 @@ class ClientTask:
     kind: str = "fit"  # "fit": local training, update back; "evaluate": personalized test metrics back
     epochs: int | None = None  # this client's local work this round (None: the config's)
     steps: int | None = None
-    state: State = field(default_factory=dict)
+    state: State = field(default_factory=dict)  # the client's whole state (`alg/...`, `pipe/...`)
 
 
 @dataclass
 class ClientResult:
     message: wire.Message
-    state: State | None = None  # the client's new state (fit tasks of stateful algorithms)
+    state: State | None = None  # the client's new whole state; None: nothing to keep
 
 
 class ClientRuntime:
     """A model skeleton reused across clients, plus the shared data, the algorithm and the configs."""
 
     def __init__(self, model_factory: Callable[[], torch.nn.Module], data: FederatedData, train: TrainConfig,
-                 algorithm: Algorithm, evaluation: EvalConfig | None = None):
+                 algorithm: Algorithm, evaluation: EvalConfig | None = None,
+                 pipeline: PipelineConfig | None = None):
         self.model = fast_layout(model_factory())
         self.spec = ParamSpec.from_model(self.model)
         self.spec_hash = self.spec.hash()
@@ -63,22 +77,40 @@ class ClientRuntime:
         self.evaluation = evaluation or EvalConfig()
         self.algorithm = algorithm
         self.shared = algorithm.shared_mask(self.model, self.spec)
+        self.pipeline_config = pipeline or PipelineConfig()
+        p = self.pipeline_config
+        self.pipeline = ClientPipeline(p.client, p.upload, p.error_feedback)
 
-    def context(self, task: ClientTask) -> ClientContext:
+    def receive(self, task: ClientTask) -> torch.Tensor:
+        """The broadcast vector as this client reconstructs it: decoded, plus the model it holds when the server
+        sent only the change since (`pipeline.download_delta`)."""
+        msg = wire.decode(task.broadcast, expect_spec=self.spec_hash)
+        base = msg.metrics.get("delta_of")
+        if base is None:
+            return msg.vector
+        held = part(task.state, PIPE)
+        if "down/held" not in held or int(held["down/round"]) != base:
+            have = int(held["down/round"]) if "down/round" in held else None
+            raise ValueError(f"the broadcast is a change since round {base}'s model, but this client holds "
+                             f"{'no model' if have is None else f'round {have} model'}")
+        return held["down/held"] + msg.vector
+
+    def context(self, task: ClientTask, received: torch.Tensor | None = None) -> ClientContext:
         from ..algorithms import ClientContext
 
-        msg = wire.decode(task.broadcast, expect_spec=self.spec_hash)
-        parts = list(msg.vector.chunk(1 + self.algorithm.extras)) if self.algorithm.extras else [msg.vector]
+        vec = self.receive(task) if received is None else received
+        parts = list(vec.chunk(1 + self.algorithm.extras)) if self.algorithm.extras else [vec]
+        own = part(task.state, ALG)
         if self.shared is None:
             start = parts[0]
         else:  # entries that never travel come from this client's own last model
-            start = task.state.get("local", self.initial).clone()
+            start = own.get("local", self.initial).clone()
             start[self.shared] = parts[0]
         load_vector(self.model, self.spec, start)
         return ClientContext(
             self.model, self.spec, self.data.dataset, self.data.clients[task.client_id], self.train, task.lr,
             torch_rng(task.seed, "train" if task.kind == "fit" else task.kind, task.round, task.client_id), start,
-            parts[1:], task.state,
+            parts[1:], own,
             self.train.local_epochs if task.epochs is None else task.epochs,
             self.train.local_steps if task.steps is None else task.steps, self.shared,
         )
@@ -87,10 +119,23 @@ class ClientRuntime:
         return self.fit(task) if task.kind == "fit" else self.evaluate(task)
 
     def fit(self, task: ClientTask) -> ClientResult:
-        out = self.algorithm.client_fit(self.context(task))
-        msg = wire.Message("update", task.round, task.client_id, self.spec_hash, out.update, out.num_examples,
-                           out.metrics)
-        return ClientResult(msg, out.state)
+        received = self.receive(task)
+        out = self.algorithm.client_fit(self.context(task, received))
+        return self.finish(task, out.update, out.num_examples, out.metrics, out.state, received)
+
+    def finish(self, task: ClientTask, update: torch.Tensor, num_examples: int, metrics: dict,
+               alg_state: State | None = None, received: torch.Tensor | None = None) -> ClientResult:
+        """The client pipeline on a trained update: transforms, error feedback, the upload codec; the message to
+        send and the client's new whole state (the algorithm's new state, or its old one, plus the pipeline's,
+        which holds the model received when later broadcasts may be deltas against it)."""
+        ctx = StageContext(task.round, task.client_id, task.seed, num_examples, metrics)
+        sent, pipe = self.pipeline.run(update, part(task.state, PIPE), ctx)
+        if self.pipeline_config.download_delta and received is not None:
+            pipe.update({"down/held": received, "down/round": torch.tensor(task.round)})
+        msg = wire.Message("update", task.round, task.client_id, self.spec_hash, sent.vector, num_examples,
+                           metrics, sent.codec, sent.payload, update.numel())
+        alg = part(task.state, ALG) if alg_state is None else alg_state
+        return ClientResult(msg, joined(alg, pipe) if (alg or pipe) else None)
 
     def evaluate(self, task: ClientTask) -> ClientResult:
         """Personalize (the algorithm's way, then optional fine-tuning) and test on the local test split."""

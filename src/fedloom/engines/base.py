@@ -50,7 +50,10 @@ class Engine(Protocol):
         """Refuse, before the run is recorded, an experiment this engine cannot execute (ConfigError)."""
         ...
 
-    def fit(self, runtime: ClientRuntime, tasks: list[ClientTask]) -> list[ClientReply | ClientFailure]: ...
+    def fit(self, runtime: ClientRuntime, tasks: list[ClientTask]) -> list[ClientReply | ClientFailure]:
+        """Run the tasks. A reply's update vector may be memory the engine lends (rows of a shared matrix): it is
+        valid until this engine's next `fit`; a caller that keeps one longer clones it."""
+        ...
 
     def close(self) -> None: ...
 
@@ -103,4 +106,22 @@ def balanced_batches(runtime: ClientRuntime, tasks: list[ClientTask], batches: i
 
 
 def unpacked(replies: list[ClientReply | ClientFailure], spec_hash: str) -> list[ClientReply | ClientFailure]:
-    return [r.unpack(spec_hash) if isinstance(r, ClientReply) else r for r in replies]
+    """Replies decoded on arrival; one whose bytes do not decode (truncated, unknown codec, out-of-range indices,
+    NaN/Inf) becomes that client's failure with the reason, never an exception that takes the round down."""
+    out: list[ClientReply | ClientFailure] = []
+    for r in replies:
+        if isinstance(r, ClientReply):
+            try:
+                r = r.unpack(spec_hash)
+            except ValueError as e:
+                r = ClientFailure(_client_of(r), f"refused the update of this client: {e}")
+        out.append(r)
+    return out
+
+
+def _client_of(reply: ClientReply) -> int:
+    """The client id a packed reply claims (its header may be what is corrupt: -1 then)."""
+    try:
+        return int(wire.decode_header(reply.payload or b"")["client"])
+    except (ValueError, KeyError, TypeError):
+        return -1

@@ -51,10 +51,6 @@ class _Slots:
         self._broadcast = mmap.mmap(-1, 8 + 4 * width + HEADER_ROOM)  # u64 length, then the bytes: all shared
         self.updates = torch.frombuffer(mmap.mmap(-1, 4 * rows * width), dtype=torch.float32).view(rows, width)
 
-    def free(self) -> bool:
-        """Nothing outside refers to last round's updates any more (each view of them holds a reference)."""
-        return sys.getrefcount(self.updates) <= 2  # the attribute and getrefcount's argument
-
     def put_broadcast(self, data: bytes) -> bool:
         if 8 + len(data) > len(self._broadcast):
             return False
@@ -98,7 +94,10 @@ def _run(task: ClientTask, slot: int) -> tuple[ClientReply | ClientFailure, int]
     assert _runtime is not None
     if slot < 0 or _slots is None:
         return run_task(_runtime, task, packed=True), -1
-    reply = run_task(_runtime, dataclasses.replace(task, broadcast=_slots.broadcast()))
+    task = dataclasses.replace(task, broadcast=_slots.broadcast())
+    if not _runtime.pipeline.identity:  # encoded updates are small: their bytes travel, the server decodes them
+        return run_task(_runtime, task, packed=True), -1
+    reply = run_task(_runtime, task)
     if not isinstance(reply, ClientReply) or reply.message is None:
         return reply, -1
     vec = reply.message.vector
@@ -143,7 +142,8 @@ class ParallelEngine:
     def fit(self, runtime: ClientRuntime, tasks: list[ClientTask]) -> list[ClientReply | ClientFailure]:
         pool = self._pool_for(runtime)
         slots = self._slots
-        shared = (slots is not None and 0 < len(tasks) <= slots.rows and slots.free()
+        # the rows are lent to the caller until this engine's next fit (the Engine contract), so they are free now
+        shared = (slots is not None and 0 < len(tasks) <= slots.rows
                   and all(t.broadcast == tasks[0].broadcast for t in tasks) and slots.put_broadcast(tasks[0].broadcast))
         futures: list[tuple[list[int], Future]] = [
             (batch, pool.submit(_run_batch, [(dataclasses.replace(tasks[i], broadcast=b"") if shared else tasks[i],

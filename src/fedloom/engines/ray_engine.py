@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from ..client.work import ClientRuntime, ClientTask
-from ..config import EvalConfig, RayConfig, RunConfig, TrainConfig
+from ..config import EvalConfig, PipelineConfig, RayConfig, RunConfig, TrainConfig
 from ..data.datasets import Dataset
 from ..data.federated import ClientData, FederatedData
 from ..errors import ConfigError
@@ -68,6 +68,7 @@ class RuntimeRecipe:
     train: TrainConfig
     algorithm: Algorithm
     evaluation: EvalConfig
+    pipeline: PipelineConfig
 
     @classmethod
     def of(cls, runtime: ClientRuntime) -> RuntimeRecipe:
@@ -78,7 +79,7 @@ class RuntimeRecipe:
         arrays = {k: v.detach().cpu().contiguous().numpy() for k, v in values.items() if isinstance(v, torch.Tensor)}
         fields = {k: v for k, v in values.items() if k not in arrays}
         return cls(model, arrays, fields, runtime.data.clients, runtime.data.partition, runtime.train,
-                   runtime.algorithm, runtime.evaluation)
+                   runtime.algorithm, runtime.evaluation, runtime.pipeline_config)
 
     def build(self) -> ClientRuntime:
         with warnings.catch_warnings():
@@ -89,7 +90,7 @@ class RuntimeRecipe:
             tensors = {k: torch.from_numpy(v) for k, v in self.arrays.items()}
         data = FederatedData(Dataset(**tensors, **self.fields), self.clients, self.partition)
         model = self.model
-        return ClientRuntime(lambda: model, data, self.train, self.algorithm, self.evaluation)
+        return ClientRuntime(lambda: model, data, self.train, self.algorithm, self.evaluation, self.pipeline)
 
 
 # ---- the worker side ------------------------------------------------------------------------------------

@@ -20,7 +20,9 @@ Clients with unequal amounts of work are grouped by step count (less padding) an
 is masked per sample, and a client that has finished keeps its weights and momentum while the others
 step. What cannot be stacked is refused in one line at start-up: models with buffers (BatchNorm) or
 dropout, client-specific starting points, algorithms other than FedAvg and FedProx, and feature-noise
-clients. Personalized evaluation tasks run one by one, as in the sequential engine.
+clients. Personalized evaluation tasks run one by one, as in the sequential engine. After training, each
+client's row goes through `ClientRuntime.finish`, the client pipeline every engine runs (transforms, error
+feedback, the upload codec), with that client's own pipeline state.
 """
 
 from __future__ import annotations
@@ -82,6 +84,9 @@ class VectorizedEngine:
 
     def _fit(self, runtime: ClientRuntime, tasks: list[ClientTask]) -> list[ClientReply | ClientFailure]:
         plans = [_plan(runtime, t) for t in tasks]
+        # the last fit's update rows were the round logic's to read within that round only (a caller keeping
+        # a reply's update past the next fit clones it): they may be lent again
+        self._updates.release()
         updates = self._updates.get(len(tasks), runtime.spec.size)
         starts: dict[int, torch.Tensor] = {}
         for t in tasks:
@@ -119,9 +124,14 @@ class VectorizedEngine:
                 continue
             n = len(runtime.data.clients[task.client_id].train_idx)
             metrics = {"loss": float(losses[i]), "steps": len(plans[i])}
-            msg, nbytes = wire.passthrough(wire.Message("update", task.round, task.client_id, runtime.spec_hash,
-                                                        updates[i], n, metrics))
-            replies.append(ClientReply(msg, nbytes, seconds[i]))
+            t0 = time.perf_counter()
+            try:  # the same client pipeline as every engine: transforms, error feedback, the upload codec
+                result = runtime.finish(task, updates[i], n, metrics)
+                msg, nbytes = wire.passthrough(result.message)
+            except Exception:  # noqa: BLE001 - the round logic decides: fail the round or drop the client
+                replies.append(ClientFailure(task.client_id, traceback.format_exc()))
+                continue
+            replies.append(ClientReply(msg, nbytes, seconds[i] + time.perf_counter() - t0, result.state))
         return replies
 
     def close(self) -> None:
@@ -135,6 +145,8 @@ def unsupported(runtime: ClientRuntime) -> str | None:
         return f"algorithm '{alg.name}' is not vectorized (fedavg and fedprox are)"
     if runtime.shared is not None:
         return f"algorithm '{alg.name}' starts clients from different models"
+    if runtime.pipeline_config.download_delta:
+        return "pipeline.download_delta starts clients from the models they hold"
     if any(True for _ in runtime.model.buffers()):
         return "the model has buffers (e.g. BatchNorm statistics), which differ per client"
     if any(isinstance(m, torch.nn.modules.dropout._DropoutNd) for m in runtime.model.modules()):

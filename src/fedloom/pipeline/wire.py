@@ -33,7 +33,9 @@ class Message:
     vector: torch.Tensor
     num_examples: int = 0
     metrics: dict[str, Any] = field(default_factory=dict)
-    codec: str = "f32"
+    codec: str = "f32"  # the codec chain's canonical spec, e.g. "topk:0.01+q8+zstd"
+    payload: bytes | None = None  # already encoded with `codec` (lossy codecs, error feedback); None: encode `vector`
+    size: int | None = None  # values the payload decodes to (None: vector.numel())
 
 
 def _header(msg: Message, payload_bytes: int) -> bytes:
@@ -41,14 +43,14 @@ def _header(msg: Message, payload_bytes: int) -> bytes:
         {
             "kind": msg.kind, "codec": msg.codec, "spec": msg.spec_hash, "round": msg.round,
             "client": msg.client_id, "num_examples": msg.num_examples, "metrics": msg.metrics,
-            "size": int(msg.vector.numel()), "payload_bytes": payload_bytes,
+            "size": int(msg.vector.numel() if msg.size is None else msg.size), "payload_bytes": payload_bytes,
         },
         separators=(",", ":"),
     ).encode()
 
 
 def encode(msg: Message) -> bytes:
-    payload = get_codec(msg.codec).encode(msg.vector)
+    payload = msg.payload if msg.payload is not None else get_codec(msg.codec).encode(msg.vector)
     header = _header(msg, len(payload))
     return MAGIC + _LEN.pack(len(header)) + header + payload
 
@@ -60,7 +62,7 @@ def passthrough(msg: Message) -> tuple[Message, int]:
     codec; any other codec is really encoded and decoded, so its loss is applied and its bytes counted.
     """
     codec = get_codec(msg.codec)
-    if codec.lossless_size is None or msg.vector.dtype != torch.float32:
+    if msg.payload is not None or codec.lossless_size(0) is None or msg.vector.dtype != torch.float32:
         data = encode(msg)
         return decode(data), len(data)
     vec = msg.vector.detach()
@@ -70,17 +72,35 @@ def passthrough(msg: Message) -> tuple[Message, int]:
     return out, 8 + len(_header(msg, payload)) + payload
 
 
-def decode(data: bytes, expect_spec: str | None = None) -> Message:
+def decode_header(data: bytes) -> dict[str, Any]:
+    """The JSON header alone (who sent it, which codec), without decoding the payload."""
     if len(data) < 8 or data[:4] != MAGIC:
         raise ValueError("not a fedloom message (bad magic bytes)")
     (hlen,) = _LEN.unpack_from(data, 4)
     if 8 + hlen > len(data):
         raise ValueError(f"truncated message: header says {hlen} bytes, {len(data) - 8} present")
-    h = json.loads(data[8 : 8 + hlen])
+    try:
+        return dict(json.loads(data[8 : 8 + hlen]))
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"corrupt message header: {e}") from None
+
+
+def decode(data: bytes, expect_spec: str | None = None) -> Message:
+    """The message in `data`; ValueError (CodecError for the payload) names what is wrong with corrupt bytes."""
+    h = decode_header(data)
+    hlen = _LEN.unpack_from(data, 4)[0]
+    try:
+        fields = (str(h["kind"]), int(h["round"]), int(h["client"]), str(h["spec"]), int(h["num_examples"]),
+                  dict(h["metrics"]), str(h["codec"]), int(h["size"]), int(h["payload_bytes"]))
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"corrupt message header: {e}") from None
+    kind, round_, client, spec, num_examples, metrics, codec, size, payload_bytes = fields
     payload = data[8 + hlen :]
-    if len(payload) != h["payload_bytes"]:
-        raise ValueError(f"truncated message: payload has {len(payload)} of {h['payload_bytes']} bytes")
-    if expect_spec is not None and h["spec"] != expect_spec:
-        raise ValueError(f"model mismatch: message is for parameter spec {h['spec']}, expected {expect_spec}")
-    vec = get_codec(h["codec"]).decode(payload, h["size"])
-    return Message(h["kind"], h["round"], h["client"], h["spec"], vec, h["num_examples"], h["metrics"], h["codec"])
+    if len(payload) != payload_bytes:
+        raise ValueError(f"truncated message: payload has {len(payload)} of {payload_bytes} bytes")
+    if expect_spec is not None and spec != expect_spec:
+        raise ValueError(f"model mismatch: message is for parameter spec {spec}, expected {expect_spec}")
+    if num_examples < 0:
+        raise ValueError(f"corrupt message header: num_examples = {num_examples}")
+    vec = get_codec(codec).decode(payload, size)
+    return Message(kind, round_, client, spec, vec, num_examples, metrics, codec)

@@ -25,6 +25,10 @@ _PLOTS = (
     ("accuracy_loss", "Accuracy and loss",
      "Centralized test accuracy and loss of the global model per evaluated round; the dashed accuracy line "
      "is the example-weighted mean over the clients' own test splits."),
+    ("accuracy_mb", "Accuracy against data uploaded",
+     "Left: centralized test accuracy at each evaluated round against the megabytes (10^6 bytes) all clients "
+     "had uploaded by then; a compressed run reaches the same accuracy further left. Right: cumulative "
+     "megabytes up (clients to server) and down (server to clients) per round."),
     ("client_spread", "Accuracy across clients",
      "Federated evaluation: the global model's accuracy on each client's test split. Bands show min-max and "
      "p10-median per round; the right panel shows every client in the last evaluated round."),
@@ -223,6 +227,36 @@ def _summary(rec: RunRecord, rounds: list[dict[str, Any]]) -> list[tuple[str, st
         ("bytes up (clients to server)", fmt_bytes(sum(r["bytes_up"] for r in rounds))),
         ("bytes down (server to clients)", fmt_bytes(sum(r["bytes_down"] for r in rounds))),
     ]
+    return rows + _pipeline_rows(pipeline_used(rounds))
+
+
+PIPELINE_KEYS = ("upload_codec", "download_codec", "download_delta", "error_feedback", "client_transforms",
+                 "aggregator")
+
+
+def pipeline_used(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """What the run's messages went through, from the last round that recorded it; {} for the plain path.
+
+    Rounds record these keys only when a run departs from float32 messages and the mean aggregator, so
+    an empty dict means: f32 both ways, no client transforms, no error feedback.
+    """
+    for r in reversed(rounds):
+        used = {k: r["metrics"][k] for k in PIPELINE_KEYS if k in r["metrics"]}
+        if used:
+            return used
+    return {}
+
+
+def _pipeline_rows(used: dict[str, Any]) -> list[tuple[str, str]]:
+    if not used:
+        return []
+    upload = str(used.get("upload_codec", "f32")) + (" with error feedback" if used.get("error_feedback") else "")
+    download = str(used.get("download_codec", "f32")) + (" of the delta" if used.get("download_delta") else "")
+    rows = [("upload codec", upload), ("download codec", download)]
+    if used.get("client_transforms"):
+        rows.append(("client transforms", " -> ".join(map(str, used["client_transforms"]))))
+    if used.get("aggregator"):
+        rows.append(("aggregator", str(used["aggregator"])))
     return rows
 
 
@@ -232,7 +266,12 @@ def _kv_table(rows: list[tuple[str, str]]) -> str:
 
 
 def _figure(path: Path, title: str, caption: str) -> str:
-    data = base64.b64encode(path.read_bytes()).decode("ascii")
+    return figure_html(path.read_bytes(), title, caption)
+
+
+def figure_html(png: bytes, title: str, caption: str) -> str:
+    """A titled figure with the PNG embedded as a data URI (the page needs no other file)."""
+    data = base64.b64encode(png).decode("ascii")
     return (f"<h2>{_e(title)}</h2>\n<figure><img alt=\"{_e(title)}\" src=\"data:image/png;base64,{data}\">"
             f"<figcaption>{_e(caption)}</figcaption></figure>")
 

@@ -10,8 +10,9 @@ touches no global backend or figure registry, so plotting inside a notebook or a
 
 from __future__ import annotations
 
+import io
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,12 +29,14 @@ MAX_HEATMAP_CLIENTS = 50
 MAX_BARS = 30  # above this many clients, global vs personalized accuracy is a scatter instead of bars
 MAX_ANNOTATED = (20, 10)  # (clients, classes) up to which heatmap cells show their counts
 DPI = 100
+LOG_SPREAD = 20  # compared runs whose upload volumes differ by more than this share a log MB axis
+_LINESTYLES = ("-", "--", ":", "-.")  # past 10 runs the colour cycle repeats: the line style tells them apart
 
 
 def make_plots(store: RunStore, run_id: str, out_dir: Path) -> dict[str, Path]:
     """Write the report PNGs into `out_dir`; returns {name: path}.
 
-    Five always; a sixth, "personalization", only for runs that recorded personalized accuracy.
+    Six always; a seventh, "personalization", only for runs that recorded personalized accuracy.
     """
     run_id = store.get_run(run_id).run_id  # resolves a unique prefix, refuses an unknown id
     out_dir = Path(out_dir)
@@ -43,6 +46,7 @@ def make_plots(store: RunStore, run_id: str, out_dir: Path) -> dict[str, Path]:
     personal = store.client_rounds(run_id, "personal")
     drawers: dict[str, Callable[[], Figure]] = {
         "accuracy_loss": lambda: _accuracy_loss(rounds),
+        "accuracy_mb": lambda: _accuracy_mb(rounds),
         "client_spread": lambda: _client_spread(rounds, evals),
         "fairness": lambda: _fairness(rounds, evals),
         "label_heatmap": lambda: _label_heatmap(store.clients(run_id)),
@@ -56,6 +60,76 @@ def make_plots(store: RunStore, run_id: str, out_dir: Path) -> dict[str, Path]:
         paths[key] = out_dir / f"{key}.png"
         fig.savefig(paths[key], dpi=DPI, metadata={"Software": None})  # no version string: stable bytes
     return paths
+
+
+def png_bytes(fig: Figure) -> bytes:
+    """The figure as PNG bytes, for pages that embed their plots without writing files."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=DPI, metadata={"Software": None})
+    return buf.getvalue()
+
+
+def accuracy_by_mb(rounds: list[dict[str, Any]]) -> tuple[list[float], list[float]]:
+    """(cumulative MB uploaded, test accuracy) at each evaluated round.
+
+    The bytes of every round count, evaluated or not: the x value is what the clients had sent in total
+    when the model reached that accuracy. MB are decimal (10^6 bytes), as everywhere in fedloom.
+    """
+    xs, ys, total = [], [], 0
+    for r in rounds:
+        total += r["bytes_up"]
+        if _finite(r["test_accuracy"]):
+            xs.append(total / 1e6)
+            ys.append(float(r["test_accuracy"]))
+    return xs, ys
+
+
+def compare_accuracy_round(runs: Sequence[tuple[str, list[dict[str, Any]]]]) -> Figure:
+    """Test accuracy per round of several runs, overlaid: `runs` is [(legend label, rounds)]."""
+    fig = Figure(figsize=(10, 4.5), layout="constrained")
+    ax = fig.subplots()
+    title = "test accuracy per round"
+    curves = [(label, _series(rounds, lambda r: r["test_accuracy"])) for label, rounds in runs]
+    if not any(xs for _, (xs, _) in curves):
+        _no_data(ax, title)
+        return fig
+    for i, (label, (xs, ys)) in enumerate(curves):
+        if xs:
+            ax.plot(xs, ys, marker="o", ms=3, ls=_LINESTYLES[i // 10 % len(_LINESTYLES)], label=label)
+    ax.set_title(title)
+    ax.set_ylabel("accuracy")
+    ax.legend(loc="lower right", fontsize=8)
+    _round_axis(ax)
+    return fig
+
+
+def compare_accuracy_mb(runs: Sequence[tuple[str, list[dict[str, Any]]]]) -> Figure:
+    """Test accuracy against cumulative MB uploaded of several runs, overlaid; a log x axis when the runs'
+    upload volumes differ by more than `LOG_SPREAD`x (a 100x compressed run would otherwise be a dot at 0)."""
+    fig = Figure(figsize=(10, 4.5), layout="constrained")
+    ax = fig.subplots()
+    title = "test accuracy against MB uploaded"
+    curves = [(label, accuracy_by_mb(rounds)) for label, rounds in runs]
+    totals = [max(xs) for _, (xs, _) in curves if xs and max(xs) > 0]
+    if not totals:
+        _no_data(ax, title)
+        return fig
+    log = max(totals) / min(totals) > LOG_SPREAD
+    for i, (label, (xs, ys)) in enumerate(curves):
+        pairs = [(x, y) for x, y in zip(xs, ys, strict=True) if x > 0 or not log]
+        if pairs:
+            ax.plot(*zip(*pairs, strict=True), marker="o", ms=3, ls=_LINESTYLES[i // 10 % len(_LINESTYLES)],
+                    label=label)
+    if log:
+        ax.set_xscale("log")
+    else:
+        ax.set_xlim(left=0)  # distances from zero are what a reduction factor compares
+    ax.set_title(title)
+    ax.set_xlabel("cumulative MB uploaded by all clients" + (" (log scale)" if log else ""))
+    ax.set_ylabel("accuracy")
+    ax.legend(loc="lower right", fontsize=8)
+    ax.grid(alpha=0.3, which="both" if log else "major")
+    return fig
 
 
 # ---- helpers ----------------------------------------------------------------------------------------
@@ -124,6 +198,36 @@ def _accuracy_loss(rounds: list[Row]) -> Figure:
         _round_axis(loss_ax)
     else:
         _no_data(loss_ax, "loss")
+    return fig
+
+
+def _accuracy_mb(rounds: list[Row]) -> Figure:
+    """Accuracy against the bytes it cost to reach it, and the cumulative traffic each way per round."""
+    fig = Figure(figsize=(10, 4), layout="constrained")
+    acc_ax, mb_ax = fig.subplots(1, 2)
+    xs, ys = accuracy_by_mb(rounds)
+    title = "test accuracy against MB uploaded"
+    if xs:
+        acc_ax.plot(xs, ys, marker="o", ms=3)
+        acc_ax.set_title(title)
+        acc_ax.set_xlabel("cumulative MB uploaded by all clients")
+        acc_ax.set_xlim(left=0)
+        acc_ax.set_ylabel("accuracy")
+        acc_ax.grid(alpha=0.3)
+    else:
+        _no_data(acc_ax, title)
+    if rounds:
+        x = [r["round"] for r in rounds]
+        up, down = (np.cumsum([r[k] for r in rounds]) / 1e6 for k in ("bytes_up", "bytes_down"))
+        mb_ax.plot(x, up, marker="o", ms=3, label="up (clients to server)")
+        mb_ax.plot(x, down, ls="--", label="down (server to clients)")
+        mb_ax.set_title("cumulative traffic")
+        mb_ax.set_ylabel("MB")
+        mb_ax.set_ylim(bottom=0)
+        mb_ax.legend(loc="upper left")
+        _round_axis(mb_ax)
+    else:
+        _no_data(mb_ax, "cumulative traffic")
     return fig
 
 
