@@ -6,7 +6,7 @@ import sys
 import pytest
 
 from fedloom import api, cli
-from fedloom.diagnosis import Diagnosis, diagnose
+from fedloom.diagnosis import Diagnosis, cosine_bands, diagnose
 from fedloom.metrics import fairness
 from fedloom.reporting import write_report
 from fedloom.store import RunStore
@@ -163,7 +163,9 @@ def test_fairness_and_personalization(store, tmp_path):
     fair = finding(d, "fairness")
     assert fair.severity == "problem" and fair.evidence["worst10"] == 0.3 and fair.evidence["worst_clients"] == [4]
     assert "client 4 (30.0%)" in fair.message and any('"qffl"' in r for r in fair.remedies)
-    assert not any("personalization" in r for r in fair.remedies)  # the run already personalizes
+    # the run already personalizes: said so, never advised
+    assert any("personalization is already on (fine-tuning, 1 epoch)" in r for r in fair.remedies)
+    assert not any("eval.finetune_epochs = 1" in r or '"ditto"' in r for r in fair.remedies)
     p = finding(d, "personalization")
     assert "fine-tuning, 1 epoch" in p.message and "69.7%" in p.message and "82.8%" in p.message
     assert p.evidence["clients_hurt"] == [0] and "client 0" in p.message
@@ -234,3 +236,240 @@ def test_a_real_tiny_run_diagnoses_and_reports(runs_dir):
     json.dumps(d.to_dict(), allow_nan=False)
     page = result.report.read_text()
     assert "<h2>Diagnosis</h2>" in page and "<h2>Fairness across clients</h2>" in page
+
+
+# ---- issue 10: no remedy the run already uses; thresholds as documented; like with like -------------------
+
+SKEWED = [[95, 5] + [0] * 8, [0, 0, 100] + [0] * 7] * 3
+UNFAIR = [0.9, 0.9, 0.85, 0.88, 0.3, 0.35]
+
+
+def _with(**sections) -> dict:
+    """CONFIG with some keys of some sections replaced: _with(server={"algorithm": "fedprox"})."""
+    return {**CONFIG, **{name: {**CONFIG.get(name, {}), **keys} for name, keys in sections.items()}}
+
+
+def troubled_run(store, tmp_path, config, run_id, *, accs=(0.5, 0.6, 0.45, 0.62, 0.44, 0.63, 0.46, 0.6),
+                 pers=None) -> Diagnosis:
+    """Drift (client 4 pushes against the rest, with 4x the norm), skewed labels, unfair accuracy, swinging
+    test accuracy, and, with `pers`, personalized accuracy: every finding that carries remedies at once."""
+    def fits(r):
+        return [fit(c, norm=4.5, cosine=-0.35) if c == 4 else fit(c, cosine=0.1) for c in range(6)]
+
+    record_run(store, tmp_path, accs=list(accs), train_losses=RISING[:len(accs)], fits=fits, labels=SKEWED,
+               config=config, run_id=run_id,
+               evals=lambda r: [{"client_id": c, "accuracy": a} for c, a in enumerate(UNFAIR)],
+               personal=(lambda r: [{"client_id": c, "accuracy": a} for c, a in enumerate(pers)]) if pers else None)
+    return diagnose(store, run_id)
+
+
+def remedies(d: Diagnosis) -> list[str]:
+    return [r for f in d.findings for r in f.remedies]
+
+
+def switches_to(d: Diagnosis) -> set[str]:
+    """Algorithms a remedy tells the user to switch to."""
+    import re
+
+    return {m for r in remedies(d) for m in re.findall(r'server\.algorithm = "(\w+)"', r)}
+
+
+def test_a_fedprox_run_is_told_to_raise_mu_not_to_use_fedprox(store, tmp_path):
+    d = troubled_run(store, tmp_path, _with(server={"algorithm": "fedprox", "mu": 0.01}), "prox")
+    assert {"client_drift", "outlier_clients", "label_skew", "fairness", "oscillating"} <= kinds(d)
+    assert "fedprox" not in switches_to(d)
+    drift = finding(d, "client_drift").remedies
+    assert any("FedProx is already on with server.mu = 0.01: raise server.mu to 0.1" in r and '"scaffold"' in r
+               for r in drift)
+    assert any("FedProx is already on with server.mu = 0.01" in r for r in finding(d, "label_skew").remedies)
+    assert any("FedProx is already on" in r for r in finding(d, "outlier_clients").remedies)
+    # mu = 0 is FedProx in name only: ten times nothing is no advice
+    d = troubled_run(store, tmp_path, _with(server={"algorithm": "fedprox", "mu": 0.0}), "prox0")
+    assert any("server.mu = 0: raise server.mu to 0.01" in r for r in finding(d, "client_drift").remedies)
+
+
+@pytest.mark.parametrize("algorithm", ["ditto", "fedbn", "perfedavg"])
+def test_a_personalizing_run_is_not_told_to_personalize(store, tmp_path, algorithm):
+    pers = [0.8, 0.8, 0.9, 0.9, 0.7, 0.75]  # costs clients 0 and 1 ten points: a personalization warning too
+    d = troubled_run(store, tmp_path, _with(server={"algorithm": algorithm}), algorithm, pers=pers)
+    assert not {"ditto", "fedbn", "perfedavg"} & switches_to(d)
+    assert not any("eval.finetune_epochs = 1" in r and "fine-tune before testing" in r for r in remedies(d))
+    name = {"ditto": "Ditto", "fedbn": "FedBN", "perfedavg": "Per-FedAvg"}[algorithm]
+    for kind in ("label_skew", "fairness"):
+        assert any(f"personalization is already on ({name})" in r for r in finding(d, kind).remedies), kind
+    assert any(f"personalization is already on ({name})" in r for r in finding(d, "outlier_clients").remedies)
+    p = finding(d, "personalization")
+    assert p.severity == "warning" and not any("finetune_lr" in r for r in p.remedies)  # fine-tuning is off
+    for r in switches_to(d):  # what remains (FedProx, SCAFFOLD, q-FFL) says it replaces the algorithm
+        assert any(f'server.algorithm = "{r}"' in x and f"instead of {algorithm}" in x for x in remedies(d))
+
+
+def test_ditto_lambda_zero_and_fine_tuning_on_top(store, tmp_path):
+    config = _with(server={"algorithm": "ditto", "ditto_lambda": 0.0}, eval={"every": 1, "finetune_epochs": 2})
+    d = troubled_run(store, tmp_path, config, "ditto0", pers=[0.8, 0.8, 0.9, 0.9, 0.7, 0.75])
+    p = finding(d, "personalization")
+    assert "Ditto + fine-tuning, 2 epochs" in p.message
+    assert any("server.ditto_lambda = 0 now, try 0.1" in r for r in p.remedies)
+    assert any("eval.finetune_epochs = 2 now, try 1" in r for r in p.remedies)
+    assert any("eval.finetune_lr is unset, so fine-tuning uses train.lr = 0.05; try eval.finetune_lr = 0.0125" in r
+               for r in p.remedies)
+
+
+def test_scaffold_qffl_and_fednova_runs_are_not_told_to_switch_to_themselves(store, tmp_path):
+    d = troubled_run(store, tmp_path, _with(server={"algorithm": "scaffold"}), "scaffold")
+    assert "scaffold" not in switches_to(d)
+    assert any("SCAFFOLD is already on" in r for r in finding(d, "client_drift").remedies)
+    d = troubled_run(store, tmp_path, _with(server={"algorithm": "qffl", "q": 2.0}), "qffl")
+    assert "qffl" not in switches_to(d)
+    assert any("q-FFL is already on with server.q = 2: a stronger fairness exponent, try 4" in r
+               for r in finding(d, "fairness").remedies)
+    config = _with(server={"algorithm": "fednova"}, data={**CONFIG["data"], "partition": "quantity"})
+    assert "fednova" not in switches_to(troubled_run(store, tmp_path, config, "nova"))
+    config = _with(data={**CONFIG["data"], "partition": "quantity"})
+    assert "fednova" in switches_to(troubled_run(store, tmp_path, config, "avg-quantity"))
+
+
+def test_server_momentum_already_on_is_not_advised_again(store, tmp_path):
+    d = troubled_run(store, tmp_path, _with(server={**CONFIG["server"], "momentum": 0.9}), "avgm")
+    osc = finding(d, "oscillating").remedies
+    assert not any("server.momentum = 0.9 (FedAvgM)" in r for r in osc)
+    assert any("server.momentum = 0.9 now, try 0.45" in r for r in osc)
+    flat = [0.3, 0.5, 0.55, 0.552, 0.553, 0.551, 0.554, 0.552]
+    record_run(store, tmp_path, accs=flat, train_losses=[2.0, 1.9, 1.85, 1.8, 1.8, 1.8, 1.8, 1.8],
+               config=_with(server={**CONFIG["server"], "momentum": 0.9}), run_id="stalled-m")
+    stalled = finding(diagnose(store, "stalled-m"), "stalled").remedies
+    assert not any("(FedAvgM)" in r for r in stalled)
+    assert any("server momentum is already on (server.momentum = 0.9)" in r and '"adam"' in r for r in stalled)
+    # an adaptive server optimizer: neither momentum (the config refuses it) nor the optimizer itself
+    d = troubled_run(store, tmp_path, _with(server={"algorithm": "fedavg", "optimizer": "adam", "lr": 0.1}), "adam")
+    osc = finding(d, "oscillating").remedies
+    assert not any("server.momentum" in r for r in osc)
+    assert any("server.lr = 0.1 now, try 0.025 (server.optimizer = adam)" in r for r in osc)
+
+
+def test_outlier_norms_get_clipping_unless_already_clipped_tighter(store, tmp_path):
+    d = troubled_run(store, tmp_path, CONFIG, "noclip")
+    # norms 1.0 + 0.05 c, client 4's 4.5: the median of 1.0, 1.05, 1.1, 1.15, 1.25 and 4.5 is 1.125, twice it 2.25
+    assert any('pipeline.client = ["clip:2.25"]' in r for r in finding(d, "outlier_clients").remedies)
+    d = troubled_run(store, tmp_path, _with(pipeline={"client": ["clip:10"]}), "clip10")
+    assert any("already clipped (clip:10 in pipeline.client): tighten" in r and "clip:2.25" in r
+               for r in finding(d, "outlier_clients").remedies)
+    d = troubled_run(store, tmp_path, _with(pipeline={"client": ["clip:2"]}), "clip2")
+    assert not any("clip" in r for r in finding(d, "outlier_clients").remedies)
+
+
+@pytest.mark.parametrize(("k", "cosine", "band", "severity"), [
+    (10, 0.26, "unrelated", "warning"),  # the issue's run: 0.26 with 10 clients was called agreement
+    (10, 0.45, "partly", "info"),
+    (10, 0.70, "agree", "info"),
+    (100, 0.26, "partly", "info"),  # the same 0.26 over 100 clients is well above their 0.10
+    (2, 0.72, "partly", "info"),  # two unrelated updates already score 0.71
+])
+def test_cosine_bands_follow_the_clients_per_round(store, tmp_path, k, cosine, band, severity):
+    run_id = record_run(store, tmp_path, accs=[0.5, 0.6, 0.7], train_losses=RISING[:3],
+                        fits=lambda r: [fit(c, cosine=cosine) for c in range(k)], labels=[UNIFORM] * k)
+    drift = finding(diagnose(store, run_id), "client_drift")
+    unrelated, agree = cosine_bands(k)
+    assert drift.evidence["agreement"] == band and drift.severity == severity
+    assert drift.evidence["clients_per_round"] == k
+    assert drift.evidence["cosine_unrelated"] == pytest.approx(unrelated, abs=1e-4)
+    assert f"{k} unrelated updates score {unrelated:.2f} or less, agreeing clients {agree:.2f} or more" in drift.message
+    assert ("agree with their aggregate no more than unrelated updates" in drift.message) == (band == "unrelated")
+    assert drift.message.startswith("Client updates agree over") == (band == "agree")
+
+
+@pytest.mark.parametrize(("k", "rho"), [(2, 0.0), (10, 0.0), (10, 0.2), (25, 0.5), (100, 0.2)])
+def test_cosine_bands_match_simulated_updates(k, rho):
+    """k random updates sharing a pairwise cosine rho: their mean cosine to the aggregate is sqrt(rho + (1-rho)/k),
+    so rho = 0 gives the 'unrelated' bound and rho = AGREE_PAIRWISE the 'agree' one."""
+    import numpy as np
+
+    from fedloom.diagnosis import AGREE_PAIRWISE
+
+    rng = np.random.default_rng(k)
+    d = 200_000
+    shared = rng.standard_normal(d)
+    u = np.sqrt(rho) * shared + np.sqrt(1 - rho) * rng.standard_normal((k, d))
+    agg = u.mean(0)
+    cos = float(np.mean(u @ agg / (np.linalg.norm(u, axis=1) * np.linalg.norm(agg))))
+    assert cos == pytest.approx(np.sqrt(rho + (1 - rho) / k), abs=0.01)
+    unrelated, agree = cosine_bands(k)
+    if rho == 0.0:
+        assert cos == pytest.approx(unrelated, abs=0.01)
+    if rho == AGREE_PAIRWISE:
+        assert cos == pytest.approx(agree, abs=0.01)
+
+
+def test_every_threshold_in_the_doc_is_the_codes():
+    """docs/diagnose.md states each threshold as `NAME = value`: every one it states is the code's value, every
+    numeric constant of the module is stated, and its table of cosine bands is `cosine_bands`."""
+    import re
+    from pathlib import Path
+
+    from fedloom import diagnosis
+
+    doc = (Path(__file__).parents[1] / "docs" / "diagnose.md").read_text()
+    stated = re.findall(r"`([A-Z][A-Z0-9_]*) = ([-+0-9.e]+)`", doc)
+    assert stated
+    for name, value in stated:
+        assert hasattr(diagnosis, name), f"docs/diagnose.md names {name}, which diagnosis.py lacks"
+        assert float(value) == getattr(diagnosis, name), f"docs say {name} = {value}, code {getattr(diagnosis, name)}"
+    constants = {n for n, v in vars(diagnosis).items()
+                 if n.isupper() and isinstance(v, int | float) and not isinstance(v, bool)}
+    assert constants - {n for n, _ in stated} == set(), "thresholds the doc does not state"
+    rows = re.findall(r"^ *\| (\d+) \| (\d\.\d\d) \| (\d\.\d\d) \|$", doc, re.M)
+    assert len(rows) >= 4
+    for k, unrelated, agree in rows:
+        assert (unrelated, agree) == tuple(f"{v:.2f}" for v in cosine_bands(int(k))), k
+
+
+def test_rows_without_update_statistics_skip_drift_with_a_note(store, tmp_path):
+    """Client-level privacy withholds per-client update norms and cosines: drift is not checked, said in one
+    line; outliers are still judged on the local loss."""
+    def fits(r):
+        return [{**fit(c, loss=5.0 if c == 3 else 0.5), "update_norm": None, "cosine": None} for c in range(6)]
+
+    run_id = record_run(store, tmp_path, accs=[0.5, 0.6, 0.7], train_losses=RISING[:3], fits=fits)
+    d = diagnose(store, run_id)
+    drift = finding(d, "client_drift")
+    assert drift.severity == "info" and drift.message.startswith("Not checked") and "\n" not in drift.message
+    out = finding(d, "outlier_clients")
+    assert [c["client"] for c in out.evidence["clients"]] == [3] and out.evidence["clients"][0]["metric"] == "loss"
+    assert not any("clip" in r for r in out.remedies)  # no norms, nothing to size a bound from
+    json.dumps(d.to_dict(), allow_nan=False)
+    # a round where every client went NaN (stored as NULL) is the divergence finding's, not a privacy note
+    record_run(store, tmp_path, accs=[None], train_losses=[None], run_id="all-nan", status="diverged",
+               fits=lambda r: [{**fit(c), "loss": None, "update_norm": None, "cosine": None} for c in range(6)])
+    assert "client_drift" not in kinds(diagnose(store, "all-nan"))
+    # norms but no cosines: drift from the norms alone
+    record_run(store, tmp_path, accs=[0.5, 0.6], train_losses=RISING[:2], run_id="no-cos",
+               fits=lambda r: [{**fit(c), "cosine": None} for c in range(6)])
+    drift = finding(diagnose(store, "no-cos"), "client_drift")
+    assert drift.evidence["cosine_mean"] is None and "no cosines recorded" in drift.message
+
+
+def test_personalization_compares_the_same_clients(store, tmp_path):
+    """Ditto personalizes only the clients it sampled: the global side is cut to those, not fed_accuracy over
+    everyone (which would credit personalization with the unsampled clients' low accuracy)."""
+    glob = [0.9, 0.9, 0.9, 0.3, 0.3, 0.3]
+    pers = [0.85, 0.85, 0.85]  # clients 0-2 only; each loses 5 points
+
+    def metrics(r):
+        return {"fed_accuracy": 0.6, "pers_accuracy": 0.85, "pers_clients": 3}
+
+    run_id = record_run(store, tmp_path, accs=[0.6, 0.6], train_losses=RISING[:2], metrics=metrics,
+                        config=_with(server={"algorithm": "ditto"}),
+                        evals=lambda r: [{"client_id": c, "accuracy": a} for c, a in enumerate(glob)],
+                        personal=lambda r: [{"client_id": c, "accuracy": a} for c, a in enumerate(pers)])
+    p = finding(diagnose(store, run_id), "personalization")
+    assert p.evidence["global_accuracy"] == pytest.approx(0.9) and p.evidence["gain"] == pytest.approx(-0.05)
+    assert p.severity == "warning" and "-5.0 points" in p.message
+    assert "both over the 3 of 6 clients that have a personal model" in p.message
+    assert p.evidence["global_fairness"]["worst10"] == pytest.approx(0.9)
+    # only round metrics (no per-client personal rows): compared, and said not to be the same clients
+    record_run(store, tmp_path, accs=[0.6, 0.6], train_losses=RISING[:2], metrics=metrics, run_id="metrics-only",
+               config=_with(server={"algorithm": "ditto"}),
+               evals=lambda r: [{"client_id": c, "accuracy": a} for c, a in enumerate(glob)])
+    p = finding(diagnose(store, "metrics-only"), "personalization")
+    assert p.evidence["same_clients"] is False and "not necessarily the same clients" in p.message
+    assert "personalized over the 3 clients" in p.message

@@ -24,6 +24,7 @@ from .metrics import fairness
 from .store import RunRecord, RunStore
 
 # ---- thresholds ---------------------------------------------------------------------------------------
+# docs/diagnose.md states each one as `NAME = value`; tests/test_diagnose.py checks the two agree.
 # Loss behaviour
 DIVERGE_WINDOW = 3  # a loss rising in each of this many rounds in a row...
 DIVERGE_FACTOR = 1.5  # ...to this many times its best is diverging (the run's own stop rule uses 1.5x too)
@@ -37,8 +38,9 @@ OSC_FLIPS = 3  # this many reversals between swings is oscillation, not a lucky 
 DRIFT_WINDOW = 5
 DRIFT_CV = 0.5  # IID clients doing equal work have update norms within ~20-30% (CV 0.1-0.3); 0.5 is not that
 DRIFT_MAX_RATIO = 3.0  # one client's update 3x the median: it moves far from where the others go
-COSINE_LOW = 0.2  # IID clients agree at 0.6-0.9; k unrelated updates give 1/sqrt(k), 0.2 for 25 clients
 COSINE_AGAINST = 0.0  # a client whose median cosine is negative pushes against the aggregate
+AGREE_PAIRWISE = 0.2  # agreeing clients' updates have a cosine of 0.2+ with each other (IID digits: 0.2-0.4)
+# The bands of the mean cosine to the aggregate depend on the clients per round: see `cosine_bands`.
 # Outlier clients
 OUTLIER_Z = 3.5  # robust z-score (median/MAD) cut-off of Iglewicz & Hoaglin
 OUTLIER_MIN_CLIENTS = 5  # with fewer clients in a round the median and MAD say too little
@@ -57,6 +59,7 @@ PERS_HURT_SHARE = 0.2  # hurting a fifth of the clients or more is worth a warni
 MAX_NAMED = 10  # clients named in a message / listed in evidence
 
 Severity = Literal["problem", "warning", "info"]
+StepTrouble = Literal["diverging", "oscillating", "stalled"]
 SEVERITIES: tuple[Severity, ...] = ("problem", "warning", "info")
 FAIR_KEYS = ("mean", "std", "worst10", "best10", "jain")
 PERSONALIZING = ("ditto", "perfedavg", "fedbn")
@@ -154,6 +157,18 @@ def accuracy_by_round(rows: list[Row]) -> dict[int, dict[int, float]]:
     return out
 
 
+def cosine_bands(k: int) -> tuple[float, float]:
+    """(unrelated, agree): the mean cosine to their aggregate that k clients' updates score when unrelated (at
+    most that) and when they agree (pairwise cosine AGREE_PAIRWISE, at least that).
+
+    k updates of equal norm and weight with pairwise cosine rho each have cosine sqrt(rho + (1 - rho) / k) to
+    their mean: 1/sqrt(k) when unrelated (rho = 0; unequal norms or weights only lower it), which is why no
+    fixed cut-off fits every run: 0.26 is "unrelated" for 10 clients a round and "agreeing" for 100.
+    """
+    k = max(1, int(k))
+    return 1 / math.sqrt(k), math.sqrt(AGREE_PAIRWISE + (1 - AGREE_PAIRWISE) / k)
+
+
 # ---- the run as the checks see it ---------------------------------------------------------------------
 
 @dataclass
@@ -212,8 +227,23 @@ def _weighted_accuracy(rows: list[Row]) -> float | None:
 
 
 # ---- remedies that fit the run's config -----------------------------------------------------------------
+# Never advise what the run already does: when a remedy is in use, say so and give the next step.
 
-def _step_remedies(run: _Run, *, momentum: bool, participation: bool = False) -> list[str]:
+def _algo(run: _Run) -> str:
+    return run.cfg("server.algorithm") or "fedavg"
+
+
+def _raised(value: float, start: float) -> float:
+    """Ten times a strength, or `start` when it is 0 (ten times nothing is no advice)."""
+    return value * 10 if value > 0 else start
+
+
+def _instead(run: _Run) -> str:
+    algo = _algo(run)
+    return "" if algo == "fedavg" else f" (instead of {algo})"
+
+
+def _step_remedies(run: _Run, trouble: StepTrouble) -> list[str]:
     """Remedies for a badly behaved global loss: smaller, smoother or less noisy steps."""
     out = []
     lr, bs = run.cfg("train.lr"), run.cfg("train.batch_size")
@@ -221,31 +251,59 @@ def _step_remedies(run: _Run, *, momentum: bool, participation: bool = False) ->
         out.append(f"lower the client learning rate: train.lr = {lr:g} now, try {lr / 4:.3g}")
     if run.cfg("train.lr_schedule", "constant") == "constant":
         out.append('decay the learning rate over rounds: train.lr_schedule = "cosine" (or "step")')
-    slr, opt = run.cfg("server.lr", 1.0), run.cfg("server.optimizer", "sgd")
-    if opt == "sgd" and (run.cfg("server.momentum") or 0) == 0:
-        if momentum:
-            out.append("server momentum averages out round-to-round swings: server.momentum = 0.9 (FedAvgM)")
-    elif slr is not None and (opt != "sgd" or slr > 1):
-        out.append(f"a smaller server step: server.lr = {slr:g} now (server.optimizer = {opt})")
+    out += _server_step_remedies(run, trouble)
     if bs is not None:
         out.append(f"larger local batches give less noisy steps: train.batch_size = {bs} now, try {bs * 4}")
-    if participation and run.partial_participation():
+    if trouble == "oscillating" and run.partial_participation():
         out.append("sample more clients per round (server.fraction / server.clients_per_round): "
                    "each round's average is then less noisy")
     return out
 
 
-def _drift_remedies(run: _Run) -> list[str]:
-    algo = run.cfg("server.algorithm", "fedavg")
-    out = []
+def _server_step_remedies(run: _Run, trouble: StepTrouble) -> list[str]:
+    slr, opt = run.cfg("server.lr", 1.0), run.cfg("server.optimizer", "sgd")
+    momentum = run.cfg("server.momentum") or 0
+    smaller = f"a smaller server step: server.lr = {slr:g} now, try {slr / 4:.3g}" if slr is not None else None
+    if opt != "sgd":
+        return [f"{smaller} (server.optimizer = {opt})"] if smaller else []
+    big_step = [smaller] if smaller and slr > 1 else []
+    if momentum == 0:
+        if trouble == "diverging":
+            return big_step
+        return ["server momentum averages out round-to-round swings: server.momentum = 0.9 (FedAvgM)", *big_step]
+    if trouble == "stalled":
+        return [f"server momentum is already on (server.momentum = {momentum:g}); the next step is an adaptive "
+                'server optimizer: server.optimizer = "adam", server.lr = 0.01-0.1 (FedAdam, without server.momentum)']
+    return [f"server momentum carries each step into the next: server.momentum = {momentum:g} now, try "
+            f"{momentum / 2:g}", *big_step]
+
+
+def _drift_algorithm_remedies(run: _Run) -> list[str]:
+    """FedProx / SCAFFOLD against drift, or the next step when the run already uses one of them (or FedDyn)."""
+    algo = _algo(run)
     if algo == "fedprox":
         mu = run.cfg("server.mu", 0.01)
-        out.append(f"a stronger proximal pull: server.mu = {mu:g} now, try {mu * 10:g}")
-    else:
-        out.append('FedProx pulls local models toward the global one: server.algorithm = "fedprox", '
-                   "server.mu = 0.01-0.1")
-    if algo != "scaffold":
-        out.append('SCAFFOLD corrects each client\'s drift with control variates: server.algorithm = "scaffold"')
+        return [f"FedProx is already on with server.mu = {mu:g}: raise server.mu to {_raised(mu, 0.01):g} "
+                'for a stronger pull toward the global model, or try SCAFFOLD: server.algorithm = "scaffold"']
+    if algo == "scaffold":
+        if run.partial_participation():
+            return ["SCAFFOLD is already on, but a client's control variate is as old as its last round: sample more "
+                    "clients per round (server.fraction / server.clients_per_round)"]
+        return ["SCAFFOLD is already on: less local work per round (train.local_epochs / train.local_steps) or "
+                "a lower train.lr is the next step"]
+    if algo == "feddyn":
+        a = run.cfg("server.dyn_alpha", 0.01)
+        return [f"FedDyn is already on with server.dyn_alpha = {a:g}: raise it to {a * 10:g} for a stronger pull "
+                'toward the global model, or try SCAFFOLD: server.algorithm = "scaffold"']
+    return [f'FedProx pulls local models toward the global one: server.algorithm = "fedprox"{_instead(run)}, '
+            "server.mu = 0.01-0.1",
+            "SCAFFOLD corrects each client's drift with control variates: server.algorithm = \"scaffold\""
+            + _instead(run)]
+
+
+def _drift_remedies(run: _Run) -> list[str]:
+    algo = _algo(run)
+    out = _drift_algorithm_remedies(run)
     epochs, steps, lr = run.cfg("train.local_epochs"), run.cfg("train.local_steps"), run.cfg("train.lr")
     if steps:
         out.append(f"less local work per round: train.local_steps = {steps} now, try {max(1, steps // 2)}")
@@ -256,15 +314,61 @@ def _drift_remedies(run: _Run) -> list[str]:
     unequal = (run.cfg("data.partition") == "quantity" or (run.cfg("train.local_epochs_max") or 0) > (epochs or 0)
                or (run.cfg("train.straggler_fraction") or 0) > 0)
     if unequal and algo != "fednova":
-        out.append('FedNova normalises unequal local work: server.algorithm = "fednova"')
+        out.append('FedNova normalises unequal local work: server.algorithm = "fednova"' + _instead(run))
     return out
 
 
+def _personalizes(run: _Run) -> bool:
+    return _algo(run) in PERSONALIZING or (run.cfg("eval.finetune_epochs") or 0) > 0
+
+
 def _personalization_remedy(run: _Run) -> list[str]:
-    if run.cfg("server.algorithm") in PERSONALIZING or (run.cfg("eval.finetune_epochs") or 0) > 0:
-        return []
-    return ['personalization serves each client its own model: server.algorithm = "ditto" (or "fedbn" for '
-            "feature shift), or fine-tune before testing with eval.finetune_epochs = 1"]
+    if _personalizes(run):
+        return [f"personalization is already on ({_method(run)}): the personalization finding compares each "
+                "client's personalized and global accuracy"]
+    instead = f", instead of {_algo(run)}" if _instead(run) else ""
+    return [f'personalization serves each client its own model: server.algorithm = "ditto" (or "fedbn" for '
+            f"feature shift{instead}), or fine-tune before testing with eval.finetune_epochs = 1"]
+
+
+def _outlier_remedies(run: _Run, norm_outliers: bool) -> list[str]:
+    out = ["inspect these clients' data (labels, scaling, duplicates): the report's label heatmap and client "
+           "table show them"]
+    if _personalizes(run):
+        out.append(f"personalization is already on ({_method(run)}): it serves these clients but does not keep "
+                   "their updates from pulling the global model; bounding their updates does")
+    else:
+        out.append("if their data is legitimately different, personalization (Ditto, FedBN) serves them without "
+                   "pulling the global model")
+    if _algo(run) == "fedprox":
+        mu = run.cfg("server.mu", 0.01)
+        out.append(f"FedProx is already on with server.mu = {mu:g}: raise it to {_raised(mu, 0.01):g} to "
+                   "limit further how far any client's local model moves")
+    else:
+        out.append('FedProx limits how far any client\'s local model moves: server.algorithm = "fedprox"'
+                   + _instead(run))
+    clip = _clip_remedy(run) if norm_outliers else None
+    return out + ([clip] if clip else [])
+
+
+def _clip_remedy(run: _Run) -> str | None:
+    """Norm bounding, sized from the update norms the run recorded (about twice their median)."""
+    norms = [f["update_norm"] for f in run.fits if _finite(f.get("update_norm"))]
+    bound = 2 * float(np.median(norms)) if norms else None
+    for spec in run.cfg("pipeline.client", []) or []:
+        name, _, arg = str(spec).partition(":")
+        if name.strip() != "clip":
+            continue
+        try:
+            now = float(arg)
+        except ValueError:
+            now = math.inf
+        if bound is not None and bound < now:
+            return f"updates are already clipped ({spec} in pipeline.client): tighten to about twice the median " \
+                   f"update norm, clip:{bound:.3g}"
+        return None  # already clipped at about that bound: clipping harder would cut every client
+    at = f"{bound:.3g}" if bound is not None else "B"
+    return f'bound every update\'s norm: pipeline.client = ["clip:{at}"] (about twice the median update norm)'
 
 
 # ---- checks -------------------------------------------------------------------------------------------
@@ -313,12 +417,12 @@ def _diverging(run: _Run) -> Finding | None:
             msg = (f"The {label} is diverging: it rose in each of the last {DIVERGE_WINDOW} recorded rounds to "
                    f"{pts[-1][1]:.4g} in round {pts[-1][0]}, {pts[-1][1] / best[1]:.1f}x its best ({best[1]:.4g} in "
                    f"round {best[0]}).{lr_text}")
-            return Finding("diverging", "problem", msg, ev, _step_remedies(run, momentum=False))
+            return Finding("diverging", "problem", msg, ev, _step_remedies(run, "diverging"))
     if run.rec.status == "diverged":
         why = (run.rec.message or "no reason recorded").rstrip(".")
         msg = f"The run stopped as diverged: {why}." + ("" if "train.lr" in why else lr_text)
         return Finding("diverging", "problem", msg, ev | {"message": run.rec.message},
-                       _step_remedies(run, momentum=False))
+                       _step_remedies(run, "diverging"))
     return None
 
 
@@ -336,7 +440,7 @@ def _oscillating(run: _Run) -> Finding | None:
            f"{100 * mean_move:.1f} points per evaluation on average, between {_pct(min(accs))} and {_pct(max(accs))}.")
     ev = {"rounds": [p[0] for p in pts], "test_accuracy": [_r(a) for a in accs], "reversals": flips,
           "mean_abs_change": _r(mean_move), "train_lr": run.cfg("train.lr")}
-    return Finding("oscillating", "warning", msg, ev, _step_remedies(run, momentum=True, participation=True))
+    return Finding("oscillating", "warning", msg, ev, _step_remedies(run, "oscillating"))
 
 
 def _stalled(run: _Run) -> Finding | None:
@@ -362,7 +466,7 @@ def _stalled(run: _Run) -> Finding | None:
     fit = (f"while the clients' training loss is still {ratio:.0%} of its first-round value "
            f"({train[0][1]:.3g} -> {train[-1][1]:.3g})" if ratio is not None else "with no training loss recorded")
     msg = f"Test accuracy gained only {100 * gain:.1f} points {span}, now {_pct(accs[-1])}, {fit}: training stalled."
-    return Finding("stalled", "warning", msg, ev, _step_remedies(run, momentum=True))
+    return Finding("stalled", "warning", msg, ev, _step_remedies(run, "stalled"))
 
 
 def _usable_fits(run: _Run) -> dict[int, list[Row]]:
@@ -383,9 +487,14 @@ def _usable_fits(run: _Run) -> dict[int, list[Row]]:
 
 def _check_drift(run: _Run) -> list[Finding]:
     """Do the clients' updates agree? Spread of their norms and their cosine to the aggregate, last rounds."""
-    by_round = {rnd: [f for f in rows if _finite(f.get("update_norm"))] for rnd, rows in _usable_fits(run).items()}
+    usable = _usable_fits(run)
+    by_round = {rnd: [f for f in rows if _finite(f.get("update_norm"))] for rnd, rows in usable.items()}
     window = [r for r in sorted(by_round) if len(by_round[r]) >= 2][-DRIFT_WINDOW:]
     if not window:
+        trained = {r["round"] for r in run.rounds if _finite(r.get("train_loss"))}  # not a round gone NaN
+        if any(len(rows) >= 2 and rnd in trained for rnd, rows in usable.items()):  # updates came, statistics not
+            return [Finding("client_drift", "info", "Not checked: the run recorded no per-client update norms or "
+                            "cosines (client-level privacy withholds them).", {"skipped": "no update_norm"}, [])]
         return []
     cvs, ratios, cosines = [], [], []
     per_client: dict[int, tuple[list[float], list[float]]] = {}
@@ -402,6 +511,8 @@ def _check_drift(run: _Run) -> list[Finding]:
             ratio.append(f["update_norm"] / med if med > 0 else 1.0)
     cv, ratio = float(np.median(cvs)), float(np.median(ratios))
     mean_cos = float(np.mean(cosines)) if cosines else None
+    k = int(np.median([len(usable[rnd]) for rnd in window]))  # updates in each round's aggregate
+    unrelated, agree = cosine_bands(k)
     drifting = []
     for cid, (cos, rat) in per_client.items():
         c, q = (float(np.median(cos)) if cos else None), float(np.median(rat))
@@ -409,18 +520,25 @@ def _check_drift(run: _Run) -> list[Finding]:
             drifting.append({"client": cid, "cosine": _r(c), "norm_ratio": _r(q)})
     drifting.sort(key=lambda d: (d["cosine"] if d["cosine"] is not None else 1.0, -d["norm_ratio"]))
     spread = cv > DRIFT_CV or ratio > DRIFT_MAX_RATIO
-    low = mean_cos is not None and mean_cos < COSINE_LOW
+    low = mean_cos is not None and mean_cos <= unrelated
     against = any(d["cosine"] is not None and d["cosine"] < COSINE_AGAINST for d in drifting)
     span = f"rounds {window[0]}-{window[-1]}" if len(window) > 1 else f"round {window[0]}"
+    band = None if mean_cos is None else "unrelated" if low else "agree" if mean_cos >= agree else "partly"
     ev = {"rounds": [window[0], window[-1]], "norm_cv": _r(cv), "norm_max_median_ratio": _r(ratio),
-          "cosine_mean": _r(mean_cos), "drifting_clients": drifting[:MAX_NAMED]}
-    figures = (f"update norms have a coefficient of variation of {cv:.2f}, the largest {ratio:.3g}x the median"
-               + (f"; mean cosine similarity to the aggregate {mean_cos:.2f}" if mean_cos is not None else ""))
+          "cosine_mean": _r(mean_cos), "clients_per_round": k, "cosine_unrelated": _r(unrelated),
+          "cosine_agree": _r(agree), "agreement": band, "drifting_clients": drifting[:MAX_NAMED]}
+    figures = f"update norms have a coefficient of variation of {cv:.2f}, the largest {ratio:.3g}x the median"
+    if mean_cos is not None:
+        figures += (f"; mean cosine similarity to the aggregate {mean_cos:.2f} with {k} clients a round ({k} "
+                    f"unrelated updates score {unrelated:.2f} or less, agreeing clients {agree:.2f} or more)")
+    else:
+        figures += "; no cosines recorded"
     if not (spread or low or drifting):
-        return [Finding("client_drift", "info", f"Client updates agree over {span}: {figures}.", ev, [])]
+        said = {"agree": "agree", "partly": "partly agree"}.get(band or "", "are of even size")
+        return [Finding("client_drift", "info", f"Client updates {said} over {span}: {figures}.", ev, [])]
     signals = []
     if low:
-        signals.append("they barely agree with their aggregate")
+        signals.append("they agree with their aggregate no more than unrelated updates would")
     if spread:
         signals.append("their sizes differ widely")
     if drifting:
@@ -428,8 +546,6 @@ def _check_drift(run: _Run) -> list[Finding]:
                        "away from the rest")
     said = ", ".join(signals[:-1]) + " and " + signals[-1] if len(signals) > 1 else signals[0]
     msg = f"Client updates drift apart over {span}: {said}. Figures: {figures}"
-    if low:
-        msg += " (clients that agree score 0.6-0.9)"
     if drifting:
         d = drifting[0]
         why = (f"median cosine {d['cosine']:.2f}, " if d["cosine"] is not None else "") + f"norm {d['norm_ratio']:.3g}x"
@@ -481,11 +597,7 @@ def _check_outliers(run: _Run) -> list[Finding]:
              for d in flagged[:MAX_NAMED]]
     msg = (f"Outlier clients (robust z-score beyond {OUTLIER_Z} among the round's clients, repeatedly): "
            + "; ".join(parts) + ".")
-    remedies = ["inspect these clients' data (labels, scaling, duplicates): the report's label heatmap and "
-                "client table show them",
-                "if their data is legitimately different, personalization (Ditto, FedBN) serves them without "
-                "pulling the global model",
-                "FedProx (server.mu) limits how far any client's local model moves"]
+    remedies = _outlier_remedies(run, any(d["metric"] == "update_norm" for d in flagged))
     ev = {"clients": flagged[:MAX_NAMED], "z_threshold": OUTLIER_Z}
     return [Finding("outlier_clients", "warning", msg, ev, remedies)]
 
@@ -521,8 +633,7 @@ def _check_label_skew(run: _Run) -> list[Finding]:
            else f"{len(skewed)} of {len(stats)} clients, {_clients(sorted(s['client'] for s in skewed))}, have")
     msg = (f"{who} strongly skewed labels (total-variation distance to the global label mix >= {SKEW_TV}); "
            f"most skewed {detail}. Mean distance over all clients {tv_mean:.2f}.")
-    remedies = ['FedProx or SCAFFOLD keep the global model from chasing each client\'s classes: '
-                'server.algorithm = "fedprox" / "scaffold"', *_personalization_remedy(run)]
+    remedies = [*_drift_algorithm_remedies(run), *_personalization_remedy(run)]
     if run.partial_participation():
         remedies.append("sample more clients per round so each round sees every class")
     return [Finding("label_skew", "warning", msg, ev, remedies)]
@@ -563,37 +674,34 @@ def _check_fairness(run: _Run) -> list[Finding]:
     if not unfair:
         return [Finding("fairness", "info", msg, ev, [])]
     q = run.cfg("server.q", 1.0)
-    remedies = ([f"a stronger fairness exponent: server.q = {q:g} now, try {max(1.0, 2 * q):g}"]
-                if run.cfg("server.algorithm") == "qffl"
-                else ['q-FFL weights struggling clients up: server.algorithm = "qffl" (server.q = 1-5)'])
+    if _algo(run) == "qffl":
+        remedies = [f"q-FFL is already on with server.q = {q:g}: a stronger fairness exponent, try {max(1.0, 2 * q):g}"]
+    else:
+        remedies = [f'q-FFL weights struggling clients up: server.algorithm = "qffl"{_instead(run)}, server.q = 1-5']
     remedies += _personalization_remedy(run)
     return [Finding("fairness", "problem" if gap >= FAIR_GAP_PROBLEM else "warning", msg, ev, remedies)]
 
 
 def _check_personalization(run: _Run) -> list[Finding]:
-    """Personalized vs global accuracy per client, in the last round that recorded both."""
+    """Personalized vs global accuracy in the last round that recorded both, over the same clients: only those
+    with a personal model are personalized (`pers_clients`), so the global side is cut to them too."""
     pers_acc = accuracy_by_round(run.personal)
     marked = [r["round"] for r in run.rounds if _finite(r["metrics"].get("pers_accuracy"))]
     rounds = sorted(set(marked) | set(pers_acc))
     if not rounds:
         return []
     rnd = rounds[-1]
-    metrics = next((r["metrics"] for r in run.rounds if r["round"] == rnd), {})
-    g_mean = metrics.get("fed_accuracy") if _finite(metrics.get("fed_accuracy")) else \
-        _weighted_accuracy([c for c in run.evals if c["round"] == rnd])
-    p_mean = metrics.get("pers_accuracy") if _finite(metrics.get("pers_accuracy")) else \
-        _weighted_accuracy([c for c in run.personal if c["round"] == rnd])
-    if g_mean is None or p_mean is None:
-        return []
     glob, pers = accuracy_by_round(run.evals).get(rnd, {}), pers_acc.get(rnd, {})
     gains = {c: pers[c] - glob[c] for c in pers if c in glob}
+    compared = _compare_like_with_like(run, rnd, gains) if gains else _compare_round_metrics(run, rnd)
+    if compared is None:
+        return []
+    g_mean, p_mean, g_fair, p_fair, scope = compared
     hurt = sorted((c for c, g in gains.items() if g < -PERS_HURT), key=gains.get)
-    g_fair = dict(fairness_series(run.rounds, run.evals)).get(rnd, {})
-    p_fair = dict(fairness_series(run.rounds, run.personal, "pers_fair")).get(rnd, {})
     method = _method(run)
     delta = p_mean - g_mean
     msg = (f"Personalization ({method}) changes mean client accuracy from {_pct(g_mean)} (global model) to "
-           f"{_pct(p_mean)} ({100 * delta:+.1f} points) in round {rnd}")
+           f"{_pct(p_mean)} ({100 * delta:+.1f} points) in round {rnd}, {scope}")
     if "worst10" in g_fair and "worst10" in p_fair:
         msg += f"; the worst 10% go from {_pct(g_fair['worst10'])} to {_pct(p_fair['worst10'])}"
     msg += "."
@@ -602,34 +710,84 @@ def _check_personalization(run: _Run) -> list[Finding]:
     ev = {"round": rnd, "method": method, "global_accuracy": _r(g_mean), "personal_accuracy": _r(p_mean),
           "gain": _r(delta), "global_fairness": {k: _r(v) for k, v in g_fair.items()},
           "personal_fairness": {k: _r(v) for k, v in p_fair.items()}, "clients_compared": len(gains),
-          "clients_hurt": hurt[:MAX_NAMED]}
+          "clients_evaluated": len(glob), "same_clients": bool(gains), "clients_hurt": hurt[:MAX_NAMED]}
     if delta >= 0 and len(hurt) < PERS_HURT_SHARE * max(1, len(gains)):
         return [Finding("personalization", "info", msg, ev, [])]
     return [Finding("personalization", "warning", msg, ev, _gentler_personalization(run))]
 
 
+Compared = tuple[float, float, dict[str, float], dict[str, float], str]
+
+
+def _compare_like_with_like(run: _Run, rnd: int, gains: dict[int, float]) -> Compared | None:
+    """Both models' example-weighted mean and fairness over the clients that have both results."""
+    both = set(gains)
+    g_rows = [c for c in run.evals if c["round"] == rnd and c["client_id"] in both]
+    p_rows = [c for c in run.personal if c["round"] == rnd and c["client_id"] in both]
+    g_mean, p_mean = _weighted_accuracy(g_rows), _weighted_accuracy(p_rows)
+    if g_mean is None or p_mean is None:
+        return None
+    evaluated = len({c["client_id"] for c in run.evals if c["round"] == rnd})
+    scope = (f"both over the {len(both)} clients" if len(both) == evaluated
+             else f"both over the {len(both)} of {evaluated} clients that have a personal model")
+    return (g_mean, p_mean, fairness([float(c["accuracy"]) for c in g_rows]),
+            fairness([float(c["accuracy"]) for c in p_rows]), scope)
+
+
+def _compare_round_metrics(run: _Run, rnd: int) -> Compared | None:
+    """Without per-client rows on both sides only the round metrics are left; they may cover different
+    clients, and the message says so."""
+    m = next((r["metrics"] for r in run.rounds if r["round"] == rnd), {})
+    g_mean = m.get("fed_accuracy") if _finite(m.get("fed_accuracy")) else \
+        _weighted_accuracy([c for c in run.evals if c["round"] == rnd])
+    p_mean = m.get("pers_accuracy") if _finite(m.get("pers_accuracy")) else \
+        _weighted_accuracy([c for c in run.personal if c["round"] == rnd])
+    if g_mean is None or p_mean is None:
+        return None
+    g_fair = dict(fairness_series(run.rounds, run.evals)).get(rnd, {})
+    p_fair = dict(fairness_series(run.rounds, run.personal, "pers_fair")).get(rnd, {})
+    n = m.get("pers_clients")
+    who = f"the {n} clients" if _finite(n) else "the clients"
+    return (g_mean, p_mean, g_fair, p_fair, f"global over every client evaluated, personalized over {who} that "
+            "have a personal model (round metrics only: not necessarily the same clients)")
+
+
 def _method(run: _Run) -> str:
-    algo = run.cfg("server.algorithm")
+    algo = _algo(run)
     epochs = run.cfg("eval.finetune_epochs") or 0
+    tune = f"fine-tuning, {epochs} epoch{'s' if epochs != 1 else ''}" if epochs else ""
     if algo in PERSONALIZING:
-        return {"ditto": "Ditto", "perfedavg": "Per-FedAvg", "fedbn": "FedBN"}[algo]
-    return f"fine-tuning, {epochs} epoch{'s' if epochs != 1 else ''}" if epochs else "personalized evaluation"
+        name = {"ditto": "Ditto", "perfedavg": "Per-FedAvg", "fedbn": "FedBN"}[algo]
+        return f"{name} + {tune}" if tune else name
+    return tune or "personalized evaluation"
 
 
 def _gentler_personalization(run: _Run) -> list[str]:
-    algo = run.cfg("server.algorithm")
+    """Gentler settings of each personalization the run uses (its algorithm's, then fine-tuning's)."""
+    algo, out = _algo(run), []
     if algo == "ditto":
         lam = run.cfg("server.ditto_lambda", 0.1)
-        return [f"keep personal models closer to the global one: server.ditto_lambda = {lam:g} now, try {lam * 10:g}"]
-    if algo == "perfedavg":
+        out.append(f"keep personal models closer to the global one: server.ditto_lambda = {lam:g} now, try "
+                   f"{_raised(lam, 0.1):g}")
+    elif algo == "perfedavg":
         a = run.cfg("server.perfedavg_alpha", 0.01)
-        return [f"a smaller personalization step: server.perfedavg_alpha = {a:g} now, try {a / 4:.3g}"]
-    epochs, lr = run.cfg("eval.finetune_epochs") or 0, run.cfg("eval.finetune_lr") or run.cfg("train.lr")
-    out = []
-    if epochs > 1:
-        out.append(f"fine-tune less: eval.finetune_epochs = {epochs} now, try {epochs // 2}")
-    if lr is not None:
-        out.append(f"fine-tune gentler: eval.finetune_lr = {lr:g} now, try {lr / 4:.3g}")
+        out.append(f"a smaller personalization step: server.perfedavg_alpha = {a:g} now, try {a / 4:.3g}")
+    elif algo == "fedbn":
+        if run.cfg("server.fedbn_norms") == "all":
+            out.append('keep only BatchNorm layers local: server.fedbn_norms = "all" now, try "batch"')
+        else:
+            out.append("FedBN's local BatchNorm layers do not suit these clients: compare FedAvg with fine-tuning "
+                       "(eval.finetune_epochs = 1)")
+    epochs = run.cfg("eval.finetune_epochs") or 0
+    if epochs > 0:
+        if epochs > 1:
+            out.append(f"fine-tune less: eval.finetune_epochs = {epochs} now, try {epochs // 2}")
+        ft_lr, lr = run.cfg("eval.finetune_lr"), run.cfg("train.lr")
+        if ft_lr is not None:
+            out.append(f"fine-tune gentler: eval.finetune_lr = {ft_lr:g} now, try {ft_lr / 4:.3g}")
+        elif lr is not None:
+            out.append(f"fine-tune gentler: eval.finetune_lr is unset, so fine-tuning uses train.lr = {lr:g}; "
+                       f"try eval.finetune_lr = {lr / 4:.3g}")
     return out or ["clients with little local data gain little from personalization; compare per client"]
 
 

@@ -12,14 +12,21 @@ def confusion(y_true: torch.Tensor, y_pred: torch.Tensor, num_classes: int) -> t
     )
 
 
-def macro_f1(y_true: torch.Tensor, y_pred: torch.Tensor, num_classes: int) -> float:
-    """Unweighted mean F1 over the classes present in y_true or y_pred (scikit-learn's 'macro')."""
+def macro_f1(y_true: torch.Tensor, y_pred: torch.Tensor, num_classes: int, *, present_only: bool = False) -> float:
+    """Unweighted mean F1 over a set of classes; NaN without examples.
+
+    present_only=False: the classes present in y_true or y_pred (scikit-learn's 'macro'), for the centralized
+    test split, where every class is present. present_only=True: the classes present in y_true only
+    (`f1_score(..., labels=present, average="macro")`), for one client's split, which may hold few classes: a
+    class the model predicts but the split lacks is not averaged in as an F1 of 0 (that put 0.28 next to 82.6%
+    accuracy); those predictions still count as misses, lowering the recall of the true class.
+    """
     if y_true.numel() == 0:
         return float("nan")
     cm = confusion(y_true, y_pred, num_classes).to(torch.float64)
     tp = cm.diag()
     support, predicted = cm.sum(1), cm.sum(0)
-    present = (support + predicted) > 0
+    present = support > 0 if present_only else (support + predicted) > 0
     denom = support + predicted
     f1 = torch.where(denom > 0, 2 * tp / denom.clamp(min=1), torch.zeros_like(tp))
     return float(f1[present].mean())
