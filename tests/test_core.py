@@ -87,6 +87,23 @@ def test_macro_f1_matches_sklearn():
         assert ours == pytest.approx(f1_score(y, p, average="macro"), abs=1e-12)
 
 
+def test_macro_f1_present_only_averages_over_the_true_classes():
+    rng = np.random.default_rng(1)
+    for n_true in (1, 2, 5):
+        y = rng.choice(rng.permutation(9)[:n_true], 60)
+        p = np.where(rng.random(60) < 0.8, y, rng.integers(0, 9, 60))  # misses land on absent classes too
+        ours = macro_f1(torch.as_tensor(y), torch.as_tensor(p), 9, present_only=True)
+        ref = f1_score(y, p, labels=np.unique(y), average="macro")
+        assert ours == pytest.approx(ref, abs=1e-12)
+    # 2 classes, 80% right, the misses on 2 absent classes: F1 = 2*4 / (5 + 4) = 8/9 for each present class;
+    # over every class seen the absent ones add two zeros and halve it
+    y, p = torch.tensor([0] * 5 + [1] * 5), torch.tensor([0, 0, 0, 0, 2, 1, 1, 1, 1, 3])
+    assert macro_f1(y, p, 10) == pytest.approx(4 / 9)
+    assert macro_f1(y, p, 10, present_only=True) == pytest.approx(8 / 9)
+    assert np.isnan(macro_f1(torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long), 3,
+                             present_only=True))
+
+
 def test_spread_weighted_mean_and_quantiles():
     s = spread([0.5, 0.7, 0.9, float("nan")], [1, 1, 2, 5])
     assert s["mean"] == pytest.approx((0.5 + 0.7 + 1.8) / 4)
@@ -174,7 +191,35 @@ def test_client_summaries_equal_one_subset_per_client(overlap):
         parts[1] = np.concatenate([parts[1], parts[0][:3]])
     got = client_summaries(preds, parts, k)
     for idx, s in zip(parts, got, strict=True):
-        ref = preds.subset(idx).summary(k)
+        ref = preds.subset(idx).summary(k, present_only=True)
         assert s["num_examples"] == ref["num_examples"]
         for key in ("loss", "accuracy", "macro_f1"):
             assert s[key] == pytest.approx(ref[key], rel=1e-12, abs=1e-12, nan_ok=True), key
+
+
+def test_client_macro_f1_is_sklearn_over_the_classes_in_each_clients_split():
+    """Clients with one class, with a few, with all, and with none; wrong predictions of every class."""
+    from fedloom.evaluation import Predictions, client_summaries
+
+    rng = np.random.default_rng(7)
+    k, n = 10, 2000
+    labels = rng.integers(0, k, n)
+    parts = [np.flatnonzero(labels == 3)[:17], np.flatnonzero(labels == 5)[:1], np.zeros(0, np.int64),
+             np.flatnonzero(np.isin(labels, [1, 8]))[:40], np.arange(1000, 1400)]
+    parts += [rng.choice(np.flatnonzero(np.isin(labels, rng.choice(k, rng.integers(1, 4), replace=False))),
+                         rng.integers(1, 30), replace=False) for _ in range(50)]
+    preds = np.where(rng.random(n) < 0.7, labels, rng.integers(0, k, n))
+    p = Predictions(torch.from_numpy(rng.random(n)), torch.from_numpy(preds), torch.from_numpy(labels))
+    got = client_summaries(p, parts, k)
+    for idx, s in zip(parts, got, strict=True):
+        if len(idx) == 0:
+            assert s["num_examples"] == 0 and np.isnan(s["macro_f1"]) and np.isnan(s["accuracy"])
+            continue
+        y, yhat = labels[idx], preds[idx]
+        ref = f1_score(y, yhat, labels=np.unique(y), average="macro", zero_division=0)
+        assert s["macro_f1"] == pytest.approx(ref, abs=1e-12)
+        assert s["accuracy"] == pytest.approx(float(np.mean(y == yhat)), abs=1e-12)
+    single = got[0]  # one class: F1 = 2 TP / (support + predicted as that class)
+    assert single["macro_f1"] == pytest.approx(2 * (preds[parts[0]] == 3).sum() / (17 + (preds[parts[0]] == 3).sum()))
+    empty = client_summaries(p, [np.zeros(0, np.int64)] * 3, k)  # nobody has a test example
+    assert [s["num_examples"] for s in empty] == [0, 0, 0] and all(np.isnan(s["macro_f1"]) for s in empty)

@@ -215,11 +215,58 @@ def test_delta_of_a_model_the_client_does_not_hold_is_refused():
         rt.receive(ClientTask(3, 0, 0.1, 0, wire.encode(msg)))
 
 
-def _runtime(pipeline):
+def _runtime(pipeline, cfg=None):
     from fedloom.algorithms import build_algorithm
     from fedloom.api import prepare
     from fedloom.client.work import ClientRuntime
 
-    cfg = load_config(small_config())
+    cfg = cfg or load_config(small_config())
     data, factory = prepare(cfg)
     return ClientRuntime(factory, data, cfg.train, build_algorithm(cfg.server, data.num_clients), cfg.eval, pipeline)
+
+
+def test_a_header_claiming_another_size_is_refused_before_decoding():
+    codec = parse_codec(["randk:10", "q8"])
+    data = wire.encode(wire.Message("update", 1, 4, "s", torch.zeros(0), 5, {}, codec.spec,
+                                    codec.encode(torch.randn(50)), 2**31 - 1))
+    from fedloom.engines.base import ClientFailure
+    out = unpacked([ClientReply(None, len(data), 0.1, payload=data)], "s", (50, 0))
+    assert isinstance(out[0], ClientFailure) and "claims 2147483647 values" in out[0].traceback
+
+
+def test_traffic_of_dropped_stragglers_and_personalized_evaluation_is_counted(runs_dir):
+    """Stragglers dropped after the broadcast were still sent the model; personalized evaluation's messages
+    are counted apart (eval_bytes_*), so `bytes_down` stays the training traffic."""
+    res = fedloom.run(small_config(run__rounds=1, train__straggler_fraction=0.5, train__drop_stragglers=True,
+                                   eval__finetune_epochs=1), engine="sequential", make_report=False)
+    row = RunStore(runs_dir / "fedloom.db").rounds(res.run_id)[0]
+    m = row["metrics"]
+    assert len(m["dropped_stragglers"]) == 2 and row["num_clients"] == 2
+    assert row["bytes_down"] % 4 == 0 and row["bytes_down"] // 4 > 1000  # all 4 selected clients were sent it
+    assert m["eval_bytes_down"] == row["bytes_down"] and m["pers_clients"] == 4
+    assert m["eval_bytes_up"] > 0
+
+
+def test_personalized_macro_f1_averages_over_the_classes_in_the_clients_split(runs_dir):
+    from sklearn.metrics import f1_score
+
+    from fedloom.api import prepare
+    from fedloom.client.work import ClientTask
+    from fedloom.evaluation import predict
+
+    res = fedloom.run(small_config(run__rounds=1, eval__finetune_epochs=1, data__alpha=0.1), engine="sequential",
+                      make_report=False)
+    rows = [r for r in RunStore(runs_dir / "fedloom.db").client_rounds(res.run_id) if r["kind"] == "personal"]
+    cfg = load_config(small_config(run__rounds=1, eval__finetune_epochs=1, data__alpha=0.1))
+    data, factory = prepare(cfg)
+    rt = _runtime(cfg.pipeline, cfg)
+    ckpt = load_tensors(res.summary["checkpoint"])
+    vec = rt.spec.flatten({k[len("model/"):]: v for k, v in ckpt.items() if k.startswith("model/")})
+    bc = wire.encode(wire.Message("broadcast", 1, -1, rt.spec_hash, vec))
+    for r in rows:  # recompute each client's fine-tuned predictions and score them with scikit-learn
+        rt.evaluate(ClientTask(1, r["client_id"], cfg.train.lr, cfg.run.seed, bc, kind="evaluate"))
+        idx = torch.as_tensor(data.clients[r["client_id"]].test_idx)
+        y = data.dataset.y_test[idx]
+        pred = predict(rt.model, data.dataset, data.dataset.x_test[idx], y).preds
+        expected = f1_score(y, pred, average="macro", labels=sorted(set(y.tolist())), zero_division=0)
+        assert r["macro_f1"] == pytest.approx(expected, abs=1e-9)

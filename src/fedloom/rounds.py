@@ -21,6 +21,7 @@ import torch
 from safetensors import safe_open
 
 from .algorithms import build_algorithm
+from .attacks import Backdoor, backdoor_success, build_attack, with_collusion
 from .client.state_store import ClientStateStore
 from .client.trainer import round_lr
 from .client.work import ALG, ClientRuntime, ClientTask, joined, part
@@ -35,10 +36,13 @@ from .params import ParamSpec, ReusedBuffer, load_tensors, load_vector, model_ve
 from .pipeline import wire
 from .pipeline.codecs import parse_codec
 from .rng import numpy_rng, torch_rng
+from .server.detection import Detector, Scores, flag_threshold, precision_recall
+from .server.robust import FLTrust, RootTrainer, RoundContext, cap_shares
 from .store import RunStore
 
 Callback = Callable[[dict[str, Any]], None]
 log = logging.getLogger(__name__)
+EVAL_CHUNK = 256  # clients per batch of personalized evaluation tasks
 
 
 @dataclass
@@ -60,6 +64,7 @@ class Federation:
         self.runtime = ClientRuntime(model_factory, data, cfg.train, self.algorithm, cfg.eval, cfg.pipeline)
         self.spec: ParamSpec = self.runtime.spec
         self.shared = self.runtime.shared  # entries that travel (None: all)
+        self.runtime.attack = build_attack(cfg, data.dataset.num_classes)  # before the engine sees the runtime
         engine.check(self.runtime)
         self.params = model_vector(self.model, self.spec)
         self.opt_state = self.algorithm.server_optimizer.init(self.params)
@@ -75,6 +80,20 @@ class Federation:
         self.personalized = self.algorithm.personalizes or cfg.eval.finetune_epochs > 0
         self.train_losses: list[float] = []
         self._updates = ReusedBuffer()  # the round's stacked updates
+        self._init_defences()
+
+    def _init_defences(self) -> None:
+        """The robust aggregator's server state, FLTrust's root set, and the suspicion detector."""
+        cfg, agg = self.cfg, self.algorithm.aggregator
+        self.agg_state: dict[str, torch.Tensor] = {}  # checkpointed as aggregator/...
+        self.root = (RootTrainer(self.runtime, agg.params["root_size"], cfg.run.seed)
+                     if isinstance(agg, FLTrust) else None)
+        detect = cfg.server.detect
+        if detect is None:
+            detect = (self.runtime.attack is not None or cfg.server.exclude_suspicion is not None
+                      or getattr(agg, "sees_clients", False))
+        width = self.spec.size if self.shared is None else int(self.shared.sum())
+        self.detector = Detector(width, cfg.run.seed) if detect else None
 
     def close(self) -> None:
         self.client_store.close()
@@ -93,6 +112,9 @@ class Federation:
         tensors = {f"model/{k}": v for k, v in self.spec.unflatten(self.params).items()}
         tensors.update({f"server/{k}": v for k, v in self.opt_state.items()})
         tensors.update({f"algorithm/{k}": v for k, v in self.alg_state.items()})
+        tensors.update({f"aggregator/{k}": v for k, v in self.agg_state.items()})
+        if self.detector is not None:
+            tensors.update({f"detect/{k}": v for k, v in self.detector.state().items()})
         if self.down_ref is not None:
             tensors.update({"download/ref": self.down_ref, "download/round": torch.tensor(self.down_round),
                             "download/holders": torch.tensor(sorted(self.down_holders), dtype=torch.int64)})
@@ -117,6 +139,9 @@ class Federation:
         self.params = self.spec.flatten(model)
         self.opt_state = {k[len("server/"):]: v for k, v in tensors.items() if k.startswith("server/")}
         self.alg_state = {k[len("algorithm/"):]: v for k, v in tensors.items() if k.startswith("algorithm/")}
+        self.agg_state = {k[len("aggregator/"):]: v for k, v in tensors.items() if k.startswith("aggregator/")}
+        if self.detector is not None:
+            self.detector.load({k[len("detect/"):]: v for k, v in tensors.items() if k.startswith("detect/")})
         if "download/ref" in tensors:
             self.down_ref, self.down_round = tensors["download/ref"], int(tensors["download/round"])
             self.down_holders = {int(c) for c in tensors["download/holders"].tolist()}
@@ -242,6 +267,8 @@ class Federation:
         tasks = [ClientTask(round_, c, lr, cfg.run.seed, sent[c], epochs=work[c][0], steps=work[c][1],
                             state=states.get(c, {}))
                  for c in running]
+        # colluding attackers (ALIE, IPM) first train honestly and share what they learnt: a pass of their own
+        tasks = with_collusion(self.runtime.attack, tasks, lambda acting: self.engine.fit(self.runtime, acting))
         results = self.engine.fit(self.runtime, tasks)
         t_train = time.perf_counter() - t0
 
@@ -268,33 +295,41 @@ class Federation:
         t1 = time.perf_counter()
         self._updates.release()  # nothing reads the last round's stack any more: it may be lent again
         updates = stack_rows([m.vector for _, m in messages], self._updates)
-        num_examples = [m.num_examples for _, m in messages]
-        agg, alg_state = self.algorithm.aggregate(updates, num_examples, [m.metrics for _, m in messages],
-                                                  self.alg_state, lr)
-        size = agg.numel()
-        client_rows, stats, finite = self._update_stats(messages, updates[:, :size], agg)
-        if updates.shape[1] > size:  # what follows the parameter update (SCAFFOLD's Δc) must be finite too
-            rest = torch.isfinite(torch.linalg.vector_norm(updates[:, size:], dim=1)).tolist()
-            finite = [a and b for a, b in zip(finite, rest, strict=True)]
-        train_loss = float(np.average([m.metrics["loss"] for _, m in messages], weights=num_examples))
-        stop = self._non_finite(round_, messages, finite, agg, train_loss)
+        size = updates.shape[1] // (1 + self.algorithm.extras)  # the parameter update; SCAFFOLD's Δc follows
+        ids = [m.client_id for _, m in messages]
+        excluded = self._non_finite_clients(messages, updates)  # client -> why its update is left out
+        scores, sketches, scored = self._suspicion(round_, ids, updates[:, :size], excluded)
+        keep = [i for i, c in enumerate(ids) if c not in excluded]
+        agg, alg_state, agg_state, info = (self._aggregate(round_, lr, messages, updates, keep) if keep
+                                           else (None, self.alg_state, self.agg_state, {}))
+        client_rows, stats = self._update_stats(messages, updates[:, :size],
+                                                torch.zeros(size) if agg is None else agg, keep)
+        kept = [messages[i][1] for i in keep]
+        train_loss = (float(np.average([m.metrics["loss"] for m in kept], weights=[m.num_examples for m in kept]))
+                      if kept else float("nan"))
+        stop = self._non_finite(round_, excluded, agg, train_loss)
         updated = stop is None
         if updated:
+            assert agg is not None
             if self.shared is not None:
                 agg = torch.zeros_like(self.params).masked_scatter_(self.shared, agg)
             self.params, self.opt_state = self.algorithm.server_step(self.params, agg, self.opt_state)
-            self.alg_state = alg_state
-            self.client_store.put(round_, new_states)
-            self._commit_download(set(new_states))
+            self.alg_state, self.agg_state = alg_state, agg_state
+            if self.detector is not None and sketches is not None:
+                self.detector.commit(scored, sketches)
+            kept_states = {c: st for c, st in new_states.items() if not excluded.get(c, "").startswith("non-finite")}
+            self.client_store.put(round_, kept_states)
+            self._commit_download(set(kept_states))
+        info.update(self._detection_info(round_, ids, excluded, scores, scored, client_rows))
         t_agg = time.perf_counter() - t1
 
         row: dict[str, Any] = {
-            "num_clients": len(messages), "bytes_up": bytes_up, "bytes_down": bytes_down,
+            "num_clients": len(keep), "bytes_up": bytes_up, "bytes_down": bytes_down,
             "train_loss": train_loss,
             "metrics": {"lr": lr, **stats, "train_seconds": t_train, "aggregate_seconds": t_agg,
                         "dropped_clients": failed, "dropped_stragglers": stragglers_dropped, "updated": updated,
                         "engine": self.engine.name, **({"client_errors": errors} if errors else {}),
-                        **self.algorithm.describe(), **self._pipeline_info()},
+                        **self.algorithm.describe(), **self._pipeline_info(), **info},
         }
         if updated:
             self.train_losses.append(train_loss)
@@ -302,6 +337,9 @@ class Federation:
             if round_ % cfg.eval.every == 0 or round_ == cfg.run.rounds or stop:
                 t2 = time.perf_counter()
                 client_rows += self._evaluate(row)
+                if isinstance(self.runtime.attack, Backdoor):  # the global model as _evaluate loaded it
+                    row["metrics"]["backdoor_success"] = backdoor_success(
+                        self.model, self.data.dataset, self.runtime.attack, cfg.eval.batch_size)
                 if self.personalized:
                     client_rows += self._evaluate_personalized(round_, row)
                 row["metrics"]["eval_seconds"] = time.perf_counter() - t2
@@ -319,11 +357,17 @@ class Federation:
             info["download_delta"] = True
         if self.algorithm.aggregator.name != "mean":
             info["aggregator"] = self.algorithm.aggregator.name
+            describe = getattr(self.algorithm.aggregator, "describe", None)
+            if describe is not None and describe():
+                info["aggregator_params"] = describe()
+        if self.runtime.attack is not None:
+            info["attack"] = self.runtime.attack.kind
         return info
 
-    def _update_stats(self, messages, updates: torch.Tensor, agg: torch.Tensor):
+    def _update_stats(self, messages, updates: torch.Tensor, agg: torch.Tensor, keep: list[int]):
         """Per-client update statistics, computed for all clients at once: one pass each for the norms, the
-        sums and the projections on the aggregate (the std follows from the norm and the sum)."""
+        sums and the projections on the aggregate (the std follows from the norm and the sum). The round's
+        summary covers the aggregated updates (`keep`), never a dropped NaN."""
         norms = torch.linalg.vector_norm(updates, dim=1)
         agg_norm = agg.norm()
         sums = updates.sum(dim=1).double()
@@ -339,23 +383,123 @@ class Federation:
              "seconds": m.metrics.get("seconds")}
             for (n, m), (nm, mu, sd, c) in zip(messages, cols, strict=True)
         ]
-        stats = {"update_norm_mean": float(norms.mean()), "update_norm_max": float(norms.max()),
-                 "cosine_mean": float(cos.mean()), "aggregate_norm": float(agg_norm)}
-        return rows, stats, torch.isfinite(norms).tolist()
+        if not keep:
+            return rows, {}
+        k = torch.tensor(keep)
+        stats = {"update_norm_mean": float(norms[k].mean()), "update_norm_max": float(norms[k].max()),
+                 "cosine_mean": float(cos[k].mean()), "aggregate_norm": float(agg_norm)}
+        return rows, stats
 
-    def _non_finite(self, round_: int, messages, finite: list[bool], agg: torch.Tensor,
+    def _non_finite_clients(self, messages, updates: torch.Tensor) -> dict[int, str]:
+        """Clients whose update (any entry, SCAFFOLD's Δc included) is NaN/Inf or past float32's range, or whose
+        training loss is not finite: each is dropped from the round and flagged; the others go on."""
+        norms = torch.linalg.vector_norm(updates, dim=1).tolist()
+        out = {}
+        for (_, m), nm in zip(messages, norms, strict=True):
+            if not math.isfinite(nm):
+                out[m.client_id] = "non-finite update (NaN/Inf)"
+            elif not math.isfinite(m.metrics["loss"]):
+                out[m.client_id] = "non-finite training loss"
+        for c, why in out.items():
+            log.warning("client %d dropped from the round: %s", c, why)
+        return out
+
+    def _non_finite(self, round_: int, excluded: dict[int, str], agg: torch.Tensor | None,
                     train_loss: float) -> str | None:
-        """A client whose update norm is not finite (a NaN or Inf in it, or values past float32's range) or
-        whose loss is not, refuses the round."""
+        """The run stops when no update is finite, or when the aggregate of the finite ones is not."""
         from .errors import learning_rate_hint
 
-        bad = [m.client_id for (_, m), ok in zip(messages, finite, strict=True)
-               if not ok or not math.isfinite(m.metrics["loss"])]
-        if bad or not torch.isfinite(agg).all() or not math.isfinite(train_loss):
-            who = f"clients {bad}" if bad else "the aggregate"
-            return (f"diverged in round {round_}: {who} produced NaN/Inf, so the global model was not updated; "
-                    f"{learning_rate_hint(self.cfg)}")
+        if agg is None:
+            bad = sorted(c for c, why in excluded.items() if why.startswith("non-finite"))
+            return (f"diverged in round {round_}: every update (clients {bad}) produced NaN/Inf, so the global "
+                    f"model was not updated; {learning_rate_hint(self.cfg)}")
+        if not torch.isfinite(agg).all() or not math.isfinite(train_loss):
+            return (f"diverged in round {round_}: the aggregate produced NaN/Inf, so the global model was not "
+                    f"updated; {learning_rate_hint(self.cfg)}")
         return None
+
+    def _suspicion(self, round_: int, ids: list[int], updates: torch.Tensor, excluded: dict[int, str]
+                   ) -> tuple[Scores | None, torch.Tensor | None, list[int]]:
+        """Suspicion scores of the finite updates (when detection is on), and with `server.exclude_suspicion`,
+        those at or above it left out (never all of them). Returns the scores, the sketches to commit and the
+        scored client ids."""
+        rows = [i for i, c in enumerate(ids) if c not in excluded]
+        if self.detector is None or not rows:
+            return None, None, []
+        scored = [ids[i] for i in rows]
+        scores, sketches = self.detector.score(round_, scored, updates if len(rows) == len(ids) else updates[rows])
+        thr = self.cfg.server.exclude_suspicion
+        if thr is not None:
+            out = {c: s for c, s in zip(scored, scores.suspicion, strict=True) if s is not None and s >= thr}
+            if len(out) < len(scored):
+                excluded.update({c: f"suspicion {s:.2f} >= {thr}" for c, s in out.items()})
+        return scores, sketches, scored
+
+    def _example_counts(self, kept: list[Any]) -> tuple[list[Any], dict[str, int]]:
+        """The example counts the aggregation weighs with: a claim above the client's train size is cut to it,
+        and with `server.max_example_weight` no client's share of the weights exceeds it."""
+        claimed = [m.num_examples for m in kept]
+        held = [len(self.data.clients[m.client_id].train_idx) for m in kept]
+        clipped = {str(m.client_id): c for m, c, h in zip(kept, claimed, held, strict=True) if c > h}
+        counts: list[Any] = [min(c, h) for c, h in zip(claimed, held, strict=True)] if clipped else claimed
+        if self.cfg.server.max_example_weight is not None:
+            counts = cap_shares(counts, self.cfg.server.max_example_weight)
+        return counts, clipped
+
+    def _aggregate(self, round_: int, lr: float, messages, updates: torch.Tensor, keep: list[int]):
+        """The algorithm's aggregate of the kept updates, through the configured aggregator (which gets the
+        round's context first, and checks its breakdown condition with the clients actually aggregated)."""
+        kept = [messages[i][1] for i in keep]
+        sub = updates if len(keep) == len(messages) else updates[keep]
+        counts, clipped = self._example_counts(kept)
+        aggregator = self.algorithm.aggregator
+        check = getattr(aggregator, "check", None)
+        if check is not None:
+            check(len(kept), where=f"round {round_} ({len(messages) - len(kept)} of {len(messages)} updates "
+                                   f"left out)")
+        ctx = None
+        if hasattr(aggregator, "context"):
+            root = self.root
+            ctx = RoundContext(round_, [m.client_id for m in kept], self.cfg.run.seed, dict(self.agg_state),
+                               (lambda: root(round_, lr, self.params)) if root is not None else None)
+            aggregator.context = ctx
+        try:
+            agg, alg_state = self.algorithm.aggregate(sub, counts, [m.metrics for m in kept], self.alg_state, lr)
+        finally:
+            if ctx is not None:
+                aggregator.context = None
+        info: dict[str, Any] = {"examples_clipped": clipped} if clipped else {}
+        if ctx is not None and ctx.notes:
+            info["aggregator_notes"] = ctx.notes
+        return agg, alg_state, (ctx.state if ctx is not None else self.agg_state), info
+
+    def _detection_info(self, round_: int, ids: list[int], excluded: dict[int, str], scores: Scores | None,
+                        scored: list[int], rows: list[dict[str, Any]]) -> dict[str, Any]:
+        """Who was left out and why, who attacked, the suspicion scores (into the client rows), and the
+        detection's precision and recall against the attackers when the run has them."""
+        attack = self.runtime.attack
+        info: dict[str, Any] = {}
+        if excluded:
+            info["excluded_clients"] = {str(c): why for c, why in excluded.items()}
+        attackers = {c for c in ids if attack is not None and attack.acts(round_, c)}
+        if attack is not None:
+            info["attackers"] = sorted(attackers)
+        at = {c: j for j, c in enumerate(scored)}
+        for r in rows:
+            c = r["client_id"]
+            r["excluded"] = excluded.get(c)
+            r["attacker"] = None if attack is None else int(c in attackers)
+            if scores is not None and c in at:
+                r["suspicion"], r["cosine_prev"] = scores.suspicion[at[c]], scores.cosine_prev[at[c]]
+        if scores is not None:
+            thr = flag_threshold(self.cfg.server.exclude_suspicion)
+            values = [s for s in scores.suspicion if s is not None]
+            flagged = {c for c, s in zip(scored, scores.suspicion, strict=True) if s is not None and s >= thr}
+            info.update(flagged=sorted(flagged), suspicion_max=max(values) if values else None)
+            if attack is not None and values:
+                precision, recall = precision_recall(flagged, attackers & set(scored))
+                info.update(detect_precision=precision, detect_recall=recall)
+        return info
 
     def _rising_loss(self, round_: int) -> str | None:
         from .errors import learning_rate_hint
@@ -393,23 +537,29 @@ class Federation:
         own split. Clients without one (no training data; Ditto's or FedBN's never sampled) would only repeat the
         global model under another name: they are left out, and `pers_clients` says how many are in."""
         broadcast = self.broadcast(round_)
-        states = self.client_store.get_many(c.id for c in self.data.clients)
-        own = [c for c in self.data.clients
-               if len(c.train_idx) > 0 and self.algorithm.has_personal_model(part(states.get(c.id, {}), ALG))]
-        tasks = [ClientTask(round_, c.id, self.cfg.train.lr, self.cfg.run.seed, broadcast, kind="evaluate",
-                            state=states.get(c.id, {})) for c in own]
+        rows: list[dict[str, Any]] = []
+        sent = received = 0
+        clients = self.data.clients
+        for i in range(0, len(clients), EVAL_CHUNK):  # states read a chunk at a time: memory stays bounded
+            chunk = clients[i : i + EVAL_CHUNK]
+            states = self.client_store.get_many(c.id for c in chunk)
+            own = [c for c in chunk
+                   if len(c.train_idx) > 0 and self.algorithm.has_personal_model(part(states.get(c.id, {}), ALG))]
+            tasks = [ClientTask(round_, c.id, self.cfg.train.lr, self.cfg.run.seed, broadcast, kind="evaluate",
+                                state=states.get(c.id, {})) for c in own]
+            sent += len(broadcast) * len(tasks)
+            for res in self.engine.fit(self.runtime, tasks):
+                if isinstance(res, ClientFailure):
+                    if self.cfg.run.on_client_error == "fail":
+                        raise ClientError(round_, res.client_id, res.traceback)
+                    continue
+                msg = res.message
+                received += res.nbytes
+                rows.append({"client_id": msg.client_id, "kind": "personal", "num_examples": msg.num_examples,
+                             "loss": msg.metrics["loss"], "accuracy": msg.metrics["accuracy"],
+                             "macro_f1": msg.metrics["macro_f1"], "seconds": res.seconds})
         # measured apart from training traffic: personalized evaluation is how fedloom reports, not how it trains
-        row["metrics"]["eval_bytes_down"] = len(broadcast) * len(tasks)
-        rows = []
-        for res in self.engine.fit(self.runtime, tasks):
-            if isinstance(res, ClientFailure):
-                if self.cfg.run.on_client_error == "fail":
-                    raise ClientError(round_, res.client_id, res.traceback)
-                continue
-            msg = res.message
-            rows.append({"client_id": msg.client_id, "kind": "personal", "num_examples": msg.num_examples,
-                         "loss": msg.metrics["loss"], "accuracy": msg.metrics["accuracy"],
-                         "macro_f1": msg.metrics["macro_f1"], "seconds": res.seconds})
+        row["metrics"]["eval_bytes_down"], row["metrics"]["eval_bytes_up"] = sent, received
         row["metrics"]["pers_clients"] = len(rows)
         _summarize_clients(row["metrics"], rows, "pers", "pers_fair")
         return rows

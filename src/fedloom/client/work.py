@@ -29,6 +29,7 @@ from .trainer import local_train
 
 if TYPE_CHECKING:
     from ..algorithms import Algorithm, ClientContext
+    from ..attacks import Attack
 
 State = dict[str, torch.Tensor]
 ALG, PIPE = "alg/", "pipe/"
@@ -54,6 +55,7 @@ class ClientTask:
     epochs: int | None = None  # this client's local work this round (None: the config's)
     steps: int | None = None
     state: State = field(default_factory=dict)  # the client's whole state (`alg/...`, `pipe/...`)
+    collusion: State | None = None  # colluding attackers (ALIE, IPM): the statistics they share this round
 
 
 @dataclass
@@ -64,6 +66,8 @@ class ClientResult:
 
 class ClientRuntime:
     """A model skeleton reused across clients, plus the shared data, the algorithm and the configs."""
+
+    attack: Attack | None = None  # simulated attackers (fedloom.attacks), set by the round logic
 
     def __init__(self, model_factory: Callable[[], torch.nn.Module], data: FederatedData, train: TrainConfig,
                  algorithm: Algorithm, evaluation: EvalConfig | None = None,
@@ -77,6 +81,8 @@ class ClientRuntime:
         self.evaluation = evaluation or EvalConfig()
         self.algorithm = algorithm
         self.shared = algorithm.shared_mask(self.model, self.spec)
+        width = self.spec.size if self.shared is None else int(self.shared.sum())
+        self.reply_sizes = (width * (1 + algorithm.extras), 0)  # an update, or an evaluation's empty vector
         self.pipeline_config = pipeline or PipelineConfig()
         p = self.pipeline_config
         self.pipeline = ClientPipeline(p.client, p.upload, p.error_feedback)
@@ -120,8 +126,15 @@ class ClientRuntime:
 
     def fit(self, task: ClientTask) -> ClientResult:
         received = self.receive(task)
-        out = self.algorithm.client_fit(self.context(task, received))
-        return self.finish(task, out.update, out.num_examples, out.metrics, out.state, received)
+        ctx = self.context(task, received)
+        attack = self.attack if self.attack is not None and self.attack.acts(task.round, task.client_id) else None
+        if attack is not None:  # an attacker: poisoned data for training, then its update before the pipeline
+            attack.poison(ctx)
+        out = self.algorithm.client_fit(ctx)
+        update, num_examples = out.update, out.num_examples
+        if attack is not None:
+            update, num_examples = attack.on_update(task, update, num_examples)
+        return self.finish(task, update, num_examples, out.metrics, out.state, received)
 
     def finish(self, task: ClientTask, update: torch.Tensor, num_examples: int, metrics: dict,
                alg_state: State | None = None, received: torch.Tensor | None = None) -> ClientResult:
@@ -148,7 +161,8 @@ class ClientRuntime:
             local_train(self.model, ds, client.train_idx, self.train, ev.finetune_lr or self.train.lr,
                         ctx.generator, client.noise_std, epochs=ev.finetune_epochs, steps=0)
         idx = torch.as_tensor(client.test_idx, dtype=torch.long)
-        summary = predict(self.model, ds, ds.x_test[idx], ds.y_test[idx], ev.batch_size).summary(ds.num_classes)
+        preds = predict(self.model, ds, ds.x_test[idx], ds.y_test[idx], ev.batch_size)
+        summary = preds.summary(ds.num_classes, present_only=True)  # macro-F1 over the client's own classes
         msg = wire.Message("evaluation", task.round, task.client_id, self.spec_hash, torch.zeros(0),
                            int(summary["num_examples"]), summary)
         return ClientResult(msg)

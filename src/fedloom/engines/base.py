@@ -30,11 +30,14 @@ class ClientReply:
     state: dict[str, torch.Tensor] | None = None  # the client's new private state, if its algorithm keeps one
     payload: bytes | None = None  # the wire bytes, while packed
 
-    def unpack(self, spec_hash: str) -> ClientReply:
+    def unpack(self, spec_hash: str, sizes: tuple[int, ...] | None = None) -> ClientReply:
+        """Decode the bytes; `sizes`: the vector lengths a reply may have (a header claiming another is refused
+        before its payload is decoded, so a hostile size cannot make the server allocate for it)."""
         if self.message is not None:
             return self
         assert self.payload is not None
-        return ClientReply(wire.decode(self.payload, expect_spec=spec_hash), self.nbytes, self.seconds, self.state)
+        msg = wire.decode(self.payload, expect_spec=spec_hash, expect_sizes=sizes)
+        return ClientReply(msg, self.nbytes, self.seconds, self.state)
 
 
 @dataclass
@@ -105,14 +108,15 @@ def balanced_batches(runtime: ClientRuntime, tasks: list[ClientTask], batches: i
     return [g for _, g in sorted(zip(loads, groups, strict=True), key=lambda lg: -lg[0]) if g]
 
 
-def unpacked(replies: list[ClientReply | ClientFailure], spec_hash: str) -> list[ClientReply | ClientFailure]:
+def unpacked(replies: list[ClientReply | ClientFailure], spec_hash: str,
+             sizes: tuple[int, ...] | None = None) -> list[ClientReply | ClientFailure]:
     """Replies decoded on arrival; one whose bytes do not decode (truncated, unknown codec, out-of-range indices,
     NaN/Inf) becomes that client's failure with the reason, never an exception that takes the round down."""
     out: list[ClientReply | ClientFailure] = []
     for r in replies:
         if isinstance(r, ClientReply):
             try:
-                r = r.unpack(spec_hash)
+                r = r.unpack(spec_hash, sizes)
             except ValueError as e:
                 r = ClientFailure(_client_of(r), f"refused the update of this client: {e}")
         out.append(r)

@@ -169,7 +169,7 @@ class ParallelEngine:
                     self.close()
                     out[i] = ClientFailure(task.client_id, f"the worker process training client {task.client_id} "
                                            "died (killed, or out of memory) before it finished")
-        return unpacked([r for r in out if r is not None], runtime.spec_hash)
+        return unpacked([r for r in out if r is not None], runtime.spec_hash, runtime.reply_sizes)
 
     def close(self) -> None:
         if self._pool is not None:

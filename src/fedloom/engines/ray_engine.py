@@ -69,6 +69,7 @@ class RuntimeRecipe:
     algorithm: Algorithm
     evaluation: EvalConfig
     pipeline: PipelineConfig
+    attack: Any = None  # simulated attackers (fedloom.attacks.Attack)
 
     @classmethod
     def of(cls, runtime: ClientRuntime) -> RuntimeRecipe:
@@ -79,7 +80,7 @@ class RuntimeRecipe:
         arrays = {k: v.detach().cpu().contiguous().numpy() for k, v in values.items() if isinstance(v, torch.Tensor)}
         fields = {k: v for k, v in values.items() if k not in arrays}
         return cls(model, arrays, fields, runtime.data.clients, runtime.data.partition, runtime.train,
-                   runtime.algorithm, runtime.evaluation, runtime.pipeline_config)
+                   runtime.algorithm, runtime.evaluation, runtime.pipeline_config, runtime.attack)
 
     def build(self) -> ClientRuntime:
         with warnings.catch_warnings():
@@ -90,7 +91,9 @@ class RuntimeRecipe:
             tensors = {k: torch.from_numpy(v) for k, v in self.arrays.items()}
         data = FederatedData(Dataset(**tensors, **self.fields), self.clients, self.partition)
         model = self.model
-        return ClientRuntime(lambda: model, data, self.train, self.algorithm, self.evaluation, self.pipeline)
+        runtime = ClientRuntime(lambda: model, data, self.train, self.algorithm, self.evaluation, self.pipeline)
+        runtime.attack = self.attack
+        return runtime
 
 
 # ---- the worker side ------------------------------------------------------------------------------------
@@ -316,7 +319,7 @@ class RayEngine:
             for ref in refs:
                 ray.cancel(ref)
             raise
-        return unpacked(out, runtime.spec_hash)
+        return unpacked(out, runtime.spec_hash, runtime.reply_sizes)
 
     def _collect(self, task: ClientTask, ref: Any) -> ClientReply | ClientFailure:
         errors = self.ray.exceptions

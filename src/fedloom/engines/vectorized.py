@@ -141,6 +141,8 @@ class VectorizedEngine:
 
 def unsupported(runtime: ClientRuntime) -> str | None:
     alg = runtime.algorithm
+    if runtime.attack is not None:
+        return f"attack '{runtime.attack.kind}' acts inside each client's own training (sequential, parallel, ray)"
     if type(alg) not in _SUPPORTED:
         return f"algorithm '{alg.name}' is not vectorized (fedavg and fedprox are)"
     if runtime.shared is not None:

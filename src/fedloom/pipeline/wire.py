@@ -85,7 +85,7 @@ def decode_header(data: bytes) -> dict[str, Any]:
         raise ValueError(f"corrupt message header: {e}") from None
 
 
-def decode(data: bytes, expect_spec: str | None = None) -> Message:
+def decode(data: bytes, expect_spec: str | None = None, expect_sizes: tuple[int, ...] | None = None) -> Message:
     """The message in `data`; ValueError (CodecError for the payload) names what is wrong with corrupt bytes."""
     h = decode_header(data)
     hlen = _LEN.unpack_from(data, 4)[0]
@@ -102,5 +102,8 @@ def decode(data: bytes, expect_spec: str | None = None) -> Message:
         raise ValueError(f"model mismatch: message is for parameter spec {spec}, expected {expect_spec}")
     if num_examples < 0:
         raise ValueError(f"corrupt message header: num_examples = {num_examples}")
+    if expect_sizes is not None and size not in expect_sizes:
+        raise ValueError(f"message claims {size} values; this model's messages have "
+                         f"{' or '.join(map(str, expect_sizes))}")
     vec = get_codec(codec).decode(payload, size)
     return Message(kind, round_, client, spec, vec, num_examples, metrics, codec)
