@@ -112,7 +112,7 @@ def test_missing_dataset_stops_the_benchmark_with_the_dataset_error(tmp_path, mo
     empty.mkdir()
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     monkeypatch.setenv("FEDLOOM_DATA", str(empty))
-    cfg = {**bench.TASKS["tiny"].config, "data": {"dataset": "mnist", "num_clients": 4, "download": False}}
+    cfg = {**bench.TASKS["tiny"].config, "data": {"dataset": "mnist", "num_clients": 5, "download": False}}
     with pytest.raises(DatasetError, match="mnist: .* not found") as e:
         bench.run_bench([bench.BenchTask("gone", "mnist, not on disk", cfg)], "sequential", rounds=1,
                         data_dir=empty, threads=1, isolate=False, quiet=True)

@@ -59,4 +59,7 @@ def test_bad_toml(tmp_path):
 def test_clients_per_round_count_and_fraction():
     assert load_config({"data": {"num_clients": 10}, "server": {"fraction": 0.3}}).clients_per_round() == 3
     assert load_config({"data": {"num_clients": 10}, "server": {"clients_per_round": 4}}).clients_per_round() == 4
-    assert load_config({"data": {"num_clients": 3}, "server": {"clients_per_round": 9}}).clients_per_round() == 3
+    assert load_config({"data": {"num_clients": 3}, "server": {"clients_per_round": 3}}).clients_per_round() == 3
+    # more per round than there are clients is refused with both numbers, not quietly lowered to 3
+    with pytest.raises(ConfigError, match=r"server.clients_per_round = 9 is more than data.num_clients = 3"):
+        load_config({"data": {"num_clients": 3}, "server": {"clients_per_round": 9}})

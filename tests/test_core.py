@@ -223,3 +223,25 @@ def test_client_macro_f1_is_sklearn_over_the_classes_in_each_clients_split():
     assert single["macro_f1"] == pytest.approx(2 * (preds[parts[0]] == 3).sum() / (17 + (preds[parts[0]] == 3).sum()))
     empty = client_summaries(p, [np.zeros(0, np.int64)] * 3, k)  # nobody has a test example
     assert [s["num_examples"] for s in empty] == [0, 0, 0] and all(np.isnan(s["macro_f1"]) for s in empty)
+
+
+def test_a_checkpoint_write_that_fails_names_the_file_and_leaves_no_temporary(tmp_path, monkeypatch):
+    import builtins
+    import errno
+
+    from fedloom.params import save_tensors
+
+    real_open = builtins.open
+
+    def full_disk(path, mode="r", *a, **k):
+        if str(path).endswith(".tmp") and "w" in mode:
+            f = real_open(path, mode, *a, **k)
+            f.close()
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_open(path, mode, *a, **k)
+
+    monkeypatch.setattr(builtins, "open", full_disk)
+    target = tmp_path / "ckpt" / "round-00001.safetensors"
+    with pytest.raises(OSError, match=r"cannot write checkpoint .*round-00001.safetensors: No space left"):
+        save_tensors(target, {"w": torch.ones(3)})
+    assert list((tmp_path / "ckpt").iterdir()) == []

@@ -28,7 +28,7 @@ def _toy_dataset(n=96, f=5, c=3, seed=0) -> Dataset:
 
 
 def _federation(tmp_path, data, model, **over):
-    cfg = load_config({"data": {"dataset": "toy", "num_clients": data.num_clients}, "model": {"name": "toy"},
+    cfg = load_config({"data": {"dataset": "digits", "num_clients": data.num_clients}, "model": {"name": "mlp"},
                        "run": {"seed": 7, "rounds": 3}, **over})
     store = RunStore(tmp_path / "db.sqlite")
     store.create_run("r", "r", {}, 7, {}, str(tmp_path), cfg.run.rounds, [])
@@ -150,27 +150,65 @@ def test_client_sampling_is_seeded_and_sized(runs_dir):
         [c["client_id"] for c in store.client_rounds(res.run_id, "fit")]
 
 
-def test_nan_stops_run_cleanly_with_the_last_good_model_saved(runs_dir, monkeypatch):
-    """Client 1 diverges in round 3 (a NaN learning rate: every weight it sends is NaN): the run stops as
-    diverged, the global model is not updated, and the checkpoint on disk is exactly the model of round 2,
-    which a run of 2 rounds reproduces."""
+def _nan_from(monkeypatch, round_, clients):
+    """Clients `clients` diverge in round `round_` (a NaN learning rate: every weight they send is NaN)."""
     import dataclasses
 
     from fedloom.client import work
-    from fedloom.params import load_tensors
 
     real_fit = work.ClientRuntime.fit
 
     def diverging(self, task):
-        if task.round == 3 and task.client_id == 1:
+        if task.round == round_ and task.client_id in clients:
             task = dataclasses.replace(task, lr=float("nan"))
         return real_fit(self, task)
 
     monkeypatch.setattr(work.ClientRuntime, "fit", diverging)
-    cfg = small_config(run__rounds=6, run__engine="sequential")
-    res = fedloom.run(cfg, make_report=False)
+    return real_fit
+
+
+def test_a_nan_client_is_dropped_and_flagged_and_the_run_goes_on(runs_dir, monkeypatch):
+    """Client 1 sends NaN in round 3: only that client is left out (flagged with the reason in the round's
+    metrics and its client row); the run completes, and its model is exactly that of a run where client 1
+    failed outright in round 3 and was dropped."""
+    from fedloom.client import work
+    from fedloom.params import load_tensors
+
+    real_fit = _nan_from(monkeypatch, 3, {1})
+    res = fedloom.run(small_config(run__rounds=4, run__engine="sequential"), make_report=False)
+    assert res.status == "completed", res.message
+    store = RunStore(runs_dir / "fedloom.db")
+    rounds = store.rounds(res.run_id)
+    assert [r["metrics"]["updated"] for r in rounds] == [True] * 4
+    assert rounds[2]["metrics"]["excluded_clients"] == {"1": "non-finite update (NaN/Inf)"}
+    assert rounds[2]["num_clients"] == 3 and all("excluded_clients" not in r["metrics"] for r in rounds[:2])
+    fit3 = {c["client_id"]: c for c in store.client_rounds(res.run_id, "fit") if c["round"] == 3}
+    assert fit3[1]["excluded"] == "non-finite update (NaN/Inf)" and fit3[0]["excluded"] is None
+    nan_model = load_tensors(res.summary["checkpoint"])
+    assert all(torch.isfinite(t).all() for t in nan_model.values())
+
+    def failing(self, task):
+        if task.round == 3 and task.client_id == 1:
+            raise RuntimeError("client 1 fails")
+        return real_fit(self, task)
+
+    monkeypatch.setattr(work.ClientRuntime, "fit", failing)
+    ref = fedloom.run(small_config(run__rounds=4, run__engine="sequential", run__on_client_error="drop"),
+                      make_report=False)
+    ref_model = load_tensors(ref.summary["checkpoint"])
+    assert nan_model.keys() == ref_model.keys() and all(torch.equal(nan_model[k], ref_model[k]) for k in ref_model)
+
+
+def test_nan_from_every_client_stops_run_cleanly_with_the_last_good_model_saved(runs_dir, monkeypatch):
+    """Every client diverges in round 3: the run stops as diverged, the global model is not updated, and the
+    checkpoint on disk is exactly the model of round 2, which a run of 2 rounds reproduces."""
+    from fedloom.client import work
+    from fedloom.params import load_tensors
+
+    real_fit = _nan_from(monkeypatch, 3, {0, 1, 2, 3})
+    res = fedloom.run(small_config(run__rounds=6, run__engine="sequential"), make_report=False)
     assert res.status == "diverged", res.message
-    assert "round 3" in res.message and "NaN" in res.message
+    assert "round 3" in res.message and "every update (clients [0, 1, 2, 3])" in res.message
     store = RunStore(runs_dir / "fedloom.db")
     rec = store.get_run(res.run_id)
     assert rec.status == "diverged" and rec.rounds_completed < 6

@@ -6,6 +6,8 @@ only with `--debug`. Library callers can catch `FedloomError` and read `.message
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class FedloomError(Exception):
     exit_code = 1
@@ -17,7 +19,7 @@ class FedloomError(Exception):
 
 
 class ConfigError(FedloomError):
-    """A bad experiment file, preset, override or CLI value."""
+    """A bad experiment file, preset, override, CLI value or Python API argument."""
 
     exit_code = 2
 
@@ -27,7 +29,7 @@ class DatasetError(FedloomError):
 
 
 class RunError(FedloomError):
-    """A run that cannot be found, resumed or reported."""
+    """A run that cannot be found, resumed or reported, or a run store or run folder that cannot be used."""
 
 
 class ClientError(FedloomError):
@@ -39,3 +41,24 @@ class ClientError(FedloomError):
         self.round = round_
         self.client_id = client_id
         self.traceback_text = traceback_text
+
+
+class RunInterrupted(KeyboardInterrupt):
+    """Ctrl-C during a run, after the run was recorded as `interrupted`: still a KeyboardInterrupt (so
+    `except KeyboardInterrupt` keeps working), and it carries what the user needs to continue."""
+
+    def __init__(self, run_id: str, rounds_completed: int):
+        super().__init__(f"run {run_id} interrupted after round {rounds_completed}")
+        self.run_id = run_id
+        self.rounds_completed = rounds_completed
+
+
+def learning_rate_hint(cfg: Any) -> str:
+    """What to lower when a run diverges: the clients' learning rate and, when the server does more than add
+    the mean update (server SGD at lr 1 without momentum), the server's step too, since either can blow up."""
+    hint = f"try a lower learning rate (train.lr = {cfg.train.lr}"
+    s = cfg.server
+    if s.optimizer != "sgd" or s.lr != 1.0 or s.momentum:
+        how = f"server.optimizer = {s.optimizer}" + (f", server.momentum = {s.momentum}" if s.momentum else "")
+        hint += f", or server.lr = {s.lr} with {how}"
+    return hint + ")"

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
 
 @dataclass(frozen=True)
@@ -149,13 +149,20 @@ def stack_rows(rows: list[torch.Tensor], buffer: ReusedBuffer | None = None) -> 
 
 
 def save_tensors(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor], metadata: dict | None = None) -> None:
-    """Atomic safetensors write: a crash never leaves a half-written checkpoint under `path`."""
+    """Atomic safetensors write: a crash never leaves a half-written checkpoint under `path`, and a failed write
+    (a full disk) is an OSError naming the file, with the partial temporary file removed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     meta = {k: str(v) for k, v in (metadata or {}).items()}
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=meta)
-    os.replace(tmp, path)
+    data = save({k: v.contiguous() for k, v in tensors.items()}, metadata=meta)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise OSError(e.errno, f"cannot write checkpoint {path}: {e.strerror}", str(path)) from None
 
 
 def load_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:

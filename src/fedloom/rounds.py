@@ -22,6 +22,7 @@ from safetensors import safe_open
 
 from .algorithms import build_algorithm
 from .attacks import Backdoor, backdoor_success, build_attack, with_collusion
+from .callbacks import STOP, StopRun, stop_message
 from .client.state_store import ClientStateStore
 from .client.trainer import round_lr
 from .client.work import ALG, ClientRuntime, ClientTask, joined, part
@@ -40,7 +41,7 @@ from .server.detection import Detector, Scores, flag_threshold, precision_recall
 from .server.robust import FLTrust, RootTrainer, RoundContext, cap_shares
 from .store import RunStore
 
-Callback = Callable[[dict[str, Any]], None]
+Callback = Callable[[dict[str, Any]], Any]  # returns fedloom.STOP (or raises StopRun) to stop
 log = logging.getLogger(__name__)
 EVAL_CHUNK = 256  # clients per batch of personalized evaluation tasks
 
@@ -171,14 +172,27 @@ class Federation:
             if out.updated and (r % self.cfg.run.checkpoint_every == 0 or r == total or out.stop):
                 row["checkpoint"] = str(self.save_checkpoint(r))
             wall = wall_before + time.perf_counter() - t_start
-            self.store.record_round(self.run_id, r, row, row.pop("clients"), wall)
+            clients = row.pop("clients")
+            self.store.record_round(self.run_id, r, row, clients, wall)
             self.prune_checkpoints()
             self._prune_client_states()
-            if callback:
-                callback({"round": r, "rounds": total, **row})
+            halt = self._call_back(callback, {"run_id": self.run_id, "round": r, "rounds": total, **row,
+                                              "clients": clients}) if callback else None
             if out.stop:
                 return "diverged", out.stop
+            if halt is not None:
+                return "stopped", halt
         return "completed", None
+
+    @staticmethod
+    def _call_back(callback: Callback, event: dict[str, Any]) -> str | None:
+        """The callback on a recorded round (docs/guide.md, "Callbacks"); the run's message if it asks to stop,
+        by returning `fedloom.STOP` or raising `fedloom.StopRun(reason)`."""
+        try:
+            answer = callback(event)
+        except StopRun as e:
+            return stop_message(event["round"], e.reason)
+        return stop_message(event["round"], None) if answer is STOP else None
 
     # ---- one round --------------------------------------------------------------------------------
     def select(self, round_: int) -> list[int]:
@@ -380,7 +394,7 @@ class Federation:
         rows = [
             {"client_id": m.client_id, "kind": "fit", "num_examples": m.num_examples, "loss": m.metrics["loss"],
              "update_norm": nm, "update_mean": mu, "update_std": sd, "cosine": c, "bytes_up": n,
-             "seconds": m.metrics.get("seconds")}
+             "seconds": m.metrics.get("seconds"), "metrics": m.metrics}  # the algorithm's own: stored as JSON
             for (n, m), (nm, mu, sd, c) in zip(messages, cols, strict=True)
         ]
         if not keep:
