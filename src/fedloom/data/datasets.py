@@ -39,10 +39,12 @@ class Dataset:
     num_classes: int
     mean: tuple[float, ...] | None = None  # per-channel normalisation for uint8 images
     std: tuple[float, ...] | None = None
-    groups_train: np.ndarray | None = None  # natural owner id per sample (Synthetic devices)
+    groups_train: np.ndarray | None = None  # natural owner id per sample (Synthetic devices, client_ids)
     groups_test: np.ndarray | None = None
     source: str = ""  # where the files were found, for the report
     class_names: list[str] | None = None
+    client_indices: list[np.ndarray] | None = None  # per-client index lists into x_train (partition "given")
+    test_client_indices: list[np.ndarray] | None = None  # ...and into x_test
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -263,22 +265,53 @@ _LOADERS: dict[str, Callable[..., Dataset]] = {
 }
 
 
-def load_dataset(name: str, data_dir: str | os.PathLike | None = None, seed: int = 0, download: bool = True,
-                 **options: Any) -> Dataset:
-    """Load `name` (one of DATASETS). Options: `verify` (file sets; False trusts local files whose hash
-    is unknown, their structure is still checked), `test_fraction` (digits, breast-cancer, synthetic),
-    and synthetic's `alpha`, `beta`, `num_devices`, `dimension`, `num_classes`, `iid`."""
-    loader = _LOADERS.get(name)
-    if loader is None:
-        ranked = difflib.get_close_matches(name, DATASETS, n=len(DATASETS), cutoff=0.0)
-        raise DatasetError(f"unknown dataset {name!r}", hint=f"valid names: {', '.join(ranked)}")
-    valid = [p for p in inspect.signature(loader).parameters if p not in ("data_dir", "seed", "download")]
+def known_datasets() -> list[str]:
+    """Every name `data.dataset` accepts: the built-in sets, "file" (data.path) and the registered ones."""
+    from .custom import FILE, REGISTERED
+
+    return [*_LOADERS, FILE, *REGISTERED]
+
+
+def unknown_dataset(name: str) -> str:
+    """One line for a name no loader has: the closest names, and how a registered one comes back."""
+    known = known_datasets()
+    close = difflib.get_close_matches(name, known, n=1)
+    if close:
+        return f"unknown dataset {name!r} (did you mean {close[0]!r}?)"
+    return (f"unknown dataset {name!r} (datasets: {', '.join(known)}; data.path reads a .npz or .csv file; a "
+            "dataset registered with fedloom.register_dataset must be registered again in every new process)")
+
+
+def _check_options(name: str, loader: Callable[..., Any], options: dict[str, Any], reserved: tuple[str, ...]) -> None:
+    valid = [p for p in inspect.signature(loader).parameters if p not in reserved]
     for key in options:
         if key not in valid:
             close = difflib.get_close_matches(key, valid, n=1)
             raise DatasetError(f"unknown option {key!r} for dataset {name!r}",
                                hint=(f"did you mean {close[0]!r}? " if close else "")
                                + (f"valid options: {', '.join(valid)}" if valid else "it takes no options"))
+
+
+def load_dataset(name: str, data_dir: str | os.PathLike | None = None, seed: int = 0, download: bool = True,
+                 path: str | os.PathLike | None = None, **options: Any) -> Dataset:
+    """Load `name`: one of DATASETS, "file" (the .npz / .csv at `path`) or a registered dataset. Options:
+    `verify` (file sets; False trusts local files whose hash is unknown, their structure is still checked),
+    `test_fraction` (digits, breast-cancer, synthetic, file), synthetic's `alpha`, `beta`, `num_devices`,
+    `dimension`, `num_classes`, `iid`, and file's `label`, `client`, `test_path`, `standardize`."""
+    from . import custom
+
+    if name == custom.FILE:
+        _check_options(name, custom.load_file, options, ("path", "seed"))
+        return custom.load_file(path, seed, **options)
+    if path is not None:
+        raise DatasetError(f"a path ({path}) is read only by the dataset 'file', not {name!r}")
+    if name in custom.REGISTERED and name not in _LOADERS:
+        return custom.load_registered(name, data_dir, seed, download, **options)
+    loader = _LOADERS.get(name)
+    if loader is None:
+        ranked = difflib.get_close_matches(name, known_datasets(), n=len(known_datasets()), cutoff=0.0)
+        raise DatasetError(f"unknown dataset {name!r}", hint=f"valid names: {', '.join(ranked)}")
+    _check_options(name, loader, options, ("data_dir", "seed", "download"))
     return loader(data_dir=data_dir, seed=seed, download=download, **options)
 
 

@@ -16,7 +16,7 @@ from ..rng import numpy_rng
 from . import partition as P
 from .datasets import Dataset
 
-PARTITIONS = ("iid", "dirichlet", "shards", "quantity", "feature-noise", "natural")
+PARTITIONS = ("iid", "dirichlet", "shards", "quantity", "feature-noise", "natural", "given")
 CLIENT_TEST = ("matched", "holdout")
 
 
@@ -93,7 +93,8 @@ def _holdout(parts: list[np.ndarray], ds: Dataset, fraction: float,
     bounds = np.cumsum([0] + [len(h) for h in held])
     flat = torch.from_numpy(np.concatenate(held).astype(np.int64))
     groups = ds.groups_train[flat.numpy()] if ds.groups_train is not None else None
-    ds = dataclasses.replace(ds, x_test=ds.x_train[flat], y_test=ds.y_train[flat], groups_test=groups)
+    ds = dataclasses.replace(ds, x_test=ds.x_train[flat], y_test=ds.y_train[flat], groups_test=groups,
+                             test_client_indices=None)
     return ds, train, [np.arange(bounds[i], bounds[i + 1], dtype=np.int64) for i in range(len(parts))]
 
 
@@ -105,6 +106,40 @@ def _natural_test(groups_train: np.ndarray, groups_test: np.ndarray) -> list[np.
     return P.group_indices(np.where(known, pos, -1).astype(np.int64), len(ids))
 
 
+def _owned(ids: np.ndarray, num_clients: int, what: str) -> list[np.ndarray]:
+    """Client k's samples are those whose id is k (-1: held by no client); an id beyond the clients is refused."""
+    if len(ids) and ids.max() >= num_clients:
+        top = int(ids.max())
+        raise ValueError(f"{what} go up to {top} but num_clients is {num_clients} (ids 0..{num_clients - 1}); "
+                         f"set num_clients = {top + 1}")
+    if len(ids) and ids.min() < -1:
+        raise ValueError(f"{what} hold {int(ids.min())}: ids are 0..num_clients-1, or -1 for no client")
+    return P.group_indices(ids.astype(np.int64), num_clients)
+
+
+def _padded(lists: list[np.ndarray], num_clients: int, what: str) -> list[np.ndarray]:
+    if len(lists) > num_clients:
+        raise ValueError(f"the data give {len(lists)} {what} but num_clients is {num_clients}; "
+                         f"set num_clients = {len(lists)}")
+    return [*lists, *(np.zeros(0, np.int64) for _ in range(num_clients - len(lists)))]
+
+
+def _given(ds: Dataset, num_clients: int) -> tuple[list[np.ndarray], list[np.ndarray] | None]:
+    """The clients the data came with: client k holds index list k, or the samples whose client id is k (clients
+    the data leave out hold nothing). Their test samples too, when the data give them."""
+    if ds.client_indices is not None:
+        tests = ds.test_client_indices
+        return (_padded(ds.client_indices, num_clients, "clients' index lists"),
+                _padded(tests, num_clients, "clients' test index lists") if tests is not None else None)
+    if ds.groups_train is not None:
+        return (_owned(ds.groups_train, num_clients, "the data's client ids"),
+                _owned(ds.groups_test, num_clients, "the data's test client ids") if ds.groups_test is not None
+                else None)
+    raise ValueError(f"partition 'given' needs clients from the data; dataset {ds.name!r} has none (give "
+                     "from_arrays client_ids or client_indices, from_client_arrays, a .npz client_train array or "
+                     "a .csv client column)")
+
+
 def federate(dataset: Dataset, num_clients: int, partition: str = "iid", seed: int = 0, *, alpha: float = 0.5,
              classes_per_client: int = 2, beta: float = 0.5, noise_sigma: float = 0.1, min_size: int = 10,
              client_test: str = "matched", holdout_fraction: float = 0.2) -> FederatedData:
@@ -114,10 +149,12 @@ def federate(dataset: Dataset, num_clients: int, partition: str = "iid", seed: i
     (label skew, `alpha`, `min_size`); `shards` (#C=k label skew,
     `classes_per_client`); `quantity` (size skew, `beta`, `min_size`); `feature-noise` (IID, client i's
     inputs get noise std `noise_sigma * i / (num_clients - 1)`); `natural` (one client per
-    `dataset.groups_train` id). client_test: `matched` splits the official test set so each client's
+    `dataset.groups_train` id); `given` (client k holds `dataset.client_indices[k]`, or the samples whose
+    `groups_train` id is k). client_test: `matched` splits the official test set so each client's
     test labels match its train labels; `holdout` holds out `holdout_fraction` of each client's samples
-    (the returned dataset's test split is then the union of those). A natural partition of a dataset
-    with `groups_test` gives each client its group's test samples.
+    (the returned dataset's test split is then the union of those). A natural or given partition of a
+    dataset that assigns its test samples to clients (`groups_test`, `test_client_indices`) uses that
+    assignment instead.
     """
     if partition not in PARTITIONS:
         raise ValueError(f"unknown partition {partition!r}; valid: {', '.join(PARTITIONS)}")
@@ -131,6 +168,7 @@ def federate(dataset: Dataset, num_clients: int, partition: str = "iid", seed: i
     n = len(labels)
     rng = numpy_rng(seed, "partition")
     noise = [0.0] * num_clients
+    given_tests: list[np.ndarray] | None = None
     if partition == "iid":
         parts = P.iid(n, num_clients, rng, allow_empty=min_size == 0)
     elif partition == "dirichlet":
@@ -141,14 +179,23 @@ def federate(dataset: Dataset, num_clients: int, partition: str = "iid", seed: i
         parts = P.quantity_skew(n, num_clients, beta, rng, min_size)
     elif partition == "feature-noise":
         parts, noise = P.feature_noise(n, num_clients, noise_sigma, rng)
+    elif partition == "given":
+        parts, given_tests = _given(dataset, num_clients)
     else:
         if dataset.groups_train is None:
+            lists = " (its clients are index lists: use partition 'given')" if dataset.client_indices else ""
             raise ValueError(f"partition 'natural' needs natural client ids; dataset {dataset.name!r} "
-                             f"has none (synthetic has them)")
+                             f"has none{lists} (synthetic has them; so do from_arrays(client_ids=...), "
+                             f"from_client_arrays, a .npz client_train array, a .csv client column)")
+        if dataset.groups_train.min(initial=0) < 0:
+            raise ValueError("partition 'natural' makes a client of every id; -1 (held by no client) needs "
+                             "partition 'given'")
         parts = P.natural(dataset.groups_train, num_clients)
 
     test_rng = numpy_rng(seed, "client-test")
-    if partition == "natural" and dataset.groups_test is not None:
+    if partition == "given" and given_tests is not None:
+        tests = given_tests
+    elif partition == "natural" and dataset.groups_test is not None:
         tests = _natural_test(dataset.groups_train, dataset.groups_test)
     elif client_test == "matched":
         tests = _matched(parts, dataset, test_rng)

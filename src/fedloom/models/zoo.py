@@ -145,6 +145,7 @@ class ModelEntry:
 
     build: Callable[[tuple[int, ...], int], nn.Module]
     min_image_size: int | None = None
+    registered: bool = False  # added with register_model: built defensively and checked on the data
 
 
 MODELS: dict[str, ModelEntry] = {
@@ -157,14 +158,42 @@ MODELS: dict[str, ModelEntry] = {
 }
 
 
+BUILTIN_MODELS = tuple(MODELS)  # names register_model may not take
+
+
+def register_model(name: str, builder: Callable[[tuple[int, ...], int], nn.Module]) -> None:
+    """Make `model.name = name` build `builder(input_shape, num_classes)`: an nn.Module giving logits.
+
+    `input_shape` is one sample's shape (e.g. (1, 28, 28) or (30,)). The run seeds torch before calling it,
+    so the same seed gives the same initial model. Train-time randomness (dropout) draws from torch's global
+    generator, which fedloom does not seed per client: such a model trains, but not reproducibly. Registering
+    a name again replaces it; built-in names cannot be taken. Registrations live in this process: register
+    again (or load the plug-in module) before resuming a run in a new process.
+    """
+    if not isinstance(name, str) or not name or name != name.strip():
+        raise ConfigError(f"a model name must be a non-empty string without surrounding spaces, not {name!r}")
+    if name in BUILTIN_MODELS:
+        raise ConfigError(f"'{name}' is a built-in model name", "register yours under another name")
+    if not callable(builder):
+        raise ConfigError(f"register_model('{name}', ...) needs a builder function (input_shape, num_classes) -> "
+                          f"nn.Module, not {type(builder).__name__}")
+    MODELS[name] = ModelEntry(builder, registered=True)
+
+
+def unknown_model(name: str) -> tuple[str, str]:
+    """(message, hint) for a name neither built in nor registered: every name, the closest first."""
+    ranked = difflib.get_close_matches(name.lower(), MODELS, n=len(MODELS), cutoff=0.0)
+    close = difflib.get_close_matches(name.lower(), MODELS, n=1) or difflib.get_close_matches(name, MODELS, n=1)
+    hint = f"did you mean '{close[0]}'?" if close else \
+        "set model.name to one of them, or register yours with fedloom.register_model (again in every new process)"
+    return f"unknown model '{name}'; valid models: {', '.join(ranked)}", hint
+
+
 def build_model(name: str, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
-    """The zoo model `name` for one example of `input_shape` and `num_classes` outputs (logits)."""
+    """The zoo (or registered) model `name` for one example of `input_shape` and `num_classes` outputs (logits)."""
     entry = MODELS.get(name)
     if entry is None:
-        ranked = difflib.get_close_matches(name.lower(), MODELS, n=len(MODELS), cutoff=0.0)
-        close = difflib.get_close_matches(name.lower(), MODELS, n=1)
-        hint = f"did you mean '{close[0]}'?" if close else "set model.name to one of them"
-        raise ConfigError(f"unknown model '{name}'; valid models: {', '.join(ranked)}", hint)
+        raise ConfigError(*unknown_model(name))
     shape = tuple(int(d) for d in input_shape)
     if entry.min_image_size is not None:
         if len(shape) != 3:
@@ -174,4 +203,35 @@ def build_model(name: str, input_shape: tuple[int, ...], num_classes: int) -> nn
             raise ConfigError(
                 f"model '{name}' needs images of at least {entry.min_image_size}x{entry.min_image_size}; "
                 f"dataset gives shape {shape}", hint="use model = 'resnet-gn', 'mlp' or 'logreg'")
-    return entry.build(shape, num_classes)
+    if not entry.registered:
+        return entry.build(shape, num_classes)
+    try:
+        model = entry.build(shape, num_classes)
+    except ConfigError:
+        raise
+    except Exception as e:  # the user's builder: say which, keep the traceback for --debug
+        raise ConfigError(f"model '{name}' could not be built for input shape {shape} and {num_classes} classes: "
+                          f"{type(e).__name__}: {e}") from e
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"the builder of model '{name}' returned {type(model).__name__}, not a torch.nn.Module")
+    return model
+
+
+def check_model(name: str, model: nn.Module, sample: torch.Tensor, num_classes: int) -> None:
+    """Refuse, in one line before round 1, a model that cannot take the data: `sample` is a small batch of
+    model input. Run in eval mode without gradients, so nothing about the model changes."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = model(sample)
+    except Exception as e:
+        raise ConfigError(f"model '{name}' fails on the dataset's input (batch of shape {tuple(sample.shape)}): "
+                          f"{type(e).__name__}: {e}", "make the model take samples of this shape") from e
+    finally:
+        model.train(was_training)
+    want = (len(sample), num_classes)
+    if not isinstance(out, torch.Tensor) or tuple(out.shape) != want:
+        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ConfigError(f"model '{name}' gives {got} for a batch of {len(sample)}; expected logits of shape {want}",
+                          f"its last layer should have {num_classes} outputs (the dataset's classes)")
