@@ -14,7 +14,7 @@ import torch
 
 from fedloom.data import DATASETS, Dataset, dataset_status, load_dataset, sources
 from fedloom.data.idx import write_idx
-from fedloom.errors import DatasetError
+from fedloom.errors import ConfigError, DatasetError
 
 IDX_NAMES = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz", "t10k-images-idx3-ubyte.gz",
              "t10k-labels-idx1-ubyte.gz")
@@ -192,20 +192,20 @@ def test_synthetic_fedprox():
     assert small.y_train.max() <= 2
     iid = load_dataset("synthetic", iid=True)
     assert abs(float(iid.x_train.mean())) < 0.1
-    with pytest.raises(DatasetError, match="num_devices"):
+    with pytest.raises(ConfigError, match="num_devices"):
         load_dataset("synthetic", num_devices=0)
 
 
 def test_unknown_name_and_option():
-    with pytest.raises(DatasetError) as e:
+    with pytest.raises(ConfigError) as e:
         load_dataset("fashon-mnist")
     assert "fashon-mnist" in e.value.message and e.value.hint.startswith("valid names: fashion-mnist")
-    with pytest.raises(DatasetError) as e:
+    with pytest.raises(ConfigError) as e:
         load_dataset("digits", test_fracton=0.3)
     assert "'test_fracton'" in e.value.message and "did you mean 'test_fraction'" in e.value.hint
-    with pytest.raises(DatasetError, match="verify"):
+    with pytest.raises(ConfigError, match="verify"):
         load_dataset("mnist", verify="no")
-    with pytest.raises(DatasetError, match="unknown option 'alpha'"):
+    with pytest.raises(ConfigError, match="unknown option 'alpha'"):
         load_dataset("mnist", alpha=1)
 
 

@@ -36,7 +36,7 @@ from .diagnosis import Diagnosis
 from .diagnosis import diagnose as diagnose_run
 from .engines import build_engine
 from .engines.base import usable_cores
-from .errors import ConfigError, DatasetError, FedloomError, RunError, RunInterrupted
+from .errors import ConfigError, FedloomError, RunError, RunInterrupted
 from .models import build_model
 from .plugins import load_plugins
 from .rng import derive_seed
@@ -46,9 +46,6 @@ from .store import RunRecord, RunStore
 RESUMABLE = ("running", "interrupted", "failed", "diverged")
 NAME_MAX = 64  # characters of the experiment name kept in a run id (the run folder's name)
 # what load_dataset raises for a dataset name or `data.options` the loader does not take: configuration, not data
-_DATASET_CONFIG_ERRORS = ("unknown dataset ", "unknown option ", "dataset option ")
-
-
 @dataclass
 class RunResult:
     """A run's outcome (`fedloom.run`, `resume`, `load`): status, summary, files; and its recorded metrics,
@@ -135,13 +132,9 @@ def prepare(cfg: ExperimentConfig) -> tuple[FederatedData, Callable[[], torch.nn
     from .models.zoo import MODELS, check_model
 
     d = cfg.data
-    try:
-        dataset = load_dataset(d.dataset, data_dir=d.data_dir, seed=cfg.run.seed, download=d.download, path=d.path,
-                               **d.options)
-    except DatasetError as e:  # a name or option the config got wrong is a configuration error (exit 2)
-        if e.message.startswith(_DATASET_CONFIG_ERRORS):
-            raise ConfigError(f"data: {e.message}", e.hint) from None
-        raise
+    # a name or option the config got wrong is a ConfigError (exit 2); a missing or damaged file a DatasetError
+    dataset = load_dataset(d.dataset, data_dir=d.data_dir, seed=cfg.run.seed, download=d.download, path=d.path,
+                           **d.options)
     try:
         data = federate(
             dataset, d.num_clients, d.partition, seed=cfg.run.seed, alpha=d.alpha,

@@ -347,8 +347,8 @@ def from_client_arrays(clients: Sequence[Any], test: Any = None, *, name: str = 
 
 
 def _file_option(name: str, value: Any, ok: bool, expected: str) -> None:
-    if not ok:  # worded like datasets._option: the API turns it into a configuration error
-        raise DatasetError(f"dataset option {name} = {value!r} is invalid: expected {expected}")
+    if not ok:  # the config named a bad value: a configuration error (exit 2)
+        raise ConfigError(f"data: dataset option {name} = {value!r} is invalid: expected {expected}")
 
 
 def load_file(path: str | os.PathLike, seed: int = 0, *, label: str = "label", client: str | None = None,
@@ -553,9 +553,9 @@ def load_registered(name: str, data_dir: Any, seed: int, download: bool, **optio
     for key in options:
         if key in reserved or (key not in valid and not takes_any):
             close = difflib.get_close_matches(key, valid, n=1)
-            raise DatasetError(f"unknown option {key!r} for dataset {name!r}",
-                               hint=(f"did you mean {close[0]!r}? " if close else "")
-                               + (f"valid options: {', '.join(valid)}" if valid else "it takes no options"))
+            raise ConfigError(f"data: unknown option {key!r} for dataset {name!r}",
+                              (f"did you mean {close[0]!r}? " if close else "")
+                              + (f"valid options: {', '.join(valid)}" if valid else "it takes no options"))
     given = {k: v for k, v in ((dir_param, data_dir), ("seed", seed), ("download", download)) if k in named}
     try:
         out = loader(**given, **options)

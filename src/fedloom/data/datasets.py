@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..errors import DatasetError
+from ..errors import ConfigError, DatasetError
 from ..rng import numpy_rng
 from . import sources, synthetic
 from .idx import read_idx
@@ -74,7 +74,7 @@ _CIFAR_BATCHES = tuple(f"data_batch_{i}" for i in range(1, 6)) + ("test_batch",)
 
 def _option(name: str, value: Any, ok: bool, expected: str) -> None:
     if not ok:
-        raise DatasetError(f"dataset option {name} = {value!r} is invalid: expected {expected}")
+        raise ConfigError(f"data: dataset option {name} = {value!r} is invalid: expected {expected}")
 
 
 def _check_verify(verify: Any) -> None:
@@ -287,9 +287,9 @@ def _check_options(name: str, loader: Callable[..., Any], options: dict[str, Any
     for key in options:
         if key not in valid:
             close = difflib.get_close_matches(key, valid, n=1)
-            raise DatasetError(f"unknown option {key!r} for dataset {name!r}",
-                               hint=(f"did you mean {close[0]!r}? " if close else "")
-                               + (f"valid options: {', '.join(valid)}" if valid else "it takes no options"))
+            raise ConfigError(f"data: unknown option {key!r} for dataset {name!r}",
+                              ((f"did you mean {close[0]!r}? " if close else "")
+                               + (f"valid options: {', '.join(valid)}" if valid else "it takes no options")))
 
 
 def load_dataset(name: str, data_dir: str | os.PathLike | None = None, seed: int = 0, download: bool = True,
@@ -304,13 +304,13 @@ def load_dataset(name: str, data_dir: str | os.PathLike | None = None, seed: int
         _check_options(name, custom.load_file, options, ("path", "seed"))
         return custom.load_file(path, seed, **options)
     if path is not None:
-        raise DatasetError(f"a path ({path}) is read only by the dataset 'file', not {name!r}")
+        raise ConfigError(f"data: a path ({path}) is read only by the dataset 'file', not {name!r}")
     if name in custom.REGISTERED and name not in _LOADERS:
         return custom.load_registered(name, data_dir, seed, download, **options)
     loader = _LOADERS.get(name)
     if loader is None:
         ranked = difflib.get_close_matches(name, known_datasets(), n=len(known_datasets()), cutoff=0.0)
-        raise DatasetError(f"unknown dataset {name!r}", hint=f"valid names: {', '.join(ranked)}")
+        raise ConfigError(f"data: unknown dataset {name!r}", f"valid names: {', '.join(ranked)}")
     _check_options(name, loader, options, ("data_dir", "seed", "download"))
     return loader(data_dir=data_dir, seed=seed, download=download, **options)
 
