@@ -680,12 +680,10 @@ def test_scaffold_client_without_examples_keeps_its_control_variate(tmp_path):
     assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
 
 
-def test_scaffold_round_with_a_non_finite_control_variate_update_is_refused(tmp_path, monkeypatch):
-    """Δc is half of SCAFFOLD's update: a NaN there must refuse the round as one in Δy does, or the server's c
-    (and every client's next step) turns NaN while the model still looks fine.
-
-    Needs rounds.py's finiteness check to cover every entry of the update rows (it covered only the first
-    agg.numel(), Δy); see the report to the lead."""
+def test_scaffold_client_with_a_non_finite_control_variate_update_is_dropped(tmp_path, monkeypatch):
+    """Δc is half of SCAFFOLD's update: a NaN there must drop that client as one in Δy does, or the server's c
+    (and every client's next step) turns NaN while the model still looks fine. The client keeps its old c_i;
+    the others' round counts."""
     from fedloom.algorithms.drift import Scaffold
 
     fed = _fed(tmp_path, _data(), {"algorithm": "scaffold"})
@@ -701,9 +699,13 @@ def test_scaffold_round_with_a_non_finite_control_variate_update_is_refused(tmp_
     monkeypatch.setattr(Scaffold, "client_fit", nan_in_delta_c)
     params, c, states = fed.params.clone(), fed.alg_state["c"].clone(), fed.client_states
     out = fed.run_round(2)
-    assert not out.updated and out.stop is not None and "[1]" in out.stop
-    assert torch.equal(fed.params, params) and torch.equal(fed.alg_state["c"], c)
-    assert all(torch.equal(fed.client_states[k]["c"], states[k]["c"]) for k in states)
+    assert out.updated and out.stop is None
+    assert out.row["metrics"]["excluded_clients"] == {"1": "non-finite update (NaN/Inf)"}
+    assert torch.isfinite(fed.params).all() and torch.isfinite(fed.alg_state["c"]).all()
+    assert not torch.equal(fed.params, params) and not torch.equal(fed.alg_state["c"], c)
+    after = fed.client_states
+    assert torch.equal(after[1]["c"], states[1]["c"])  # the dropped client's new c_i was not kept
+    assert all(not torch.equal(after[k]["c"], states[k]["c"]) for k in states if k != 1)
 
 
 # ---- personalized metrics ---------------------------------------------------------------------------------

@@ -791,7 +791,45 @@ def _gentler_personalization(run: _Run) -> list[str]:
     return out or ["clients with little local data gain little from personalization; compare per client"]
 
 
+def _check_suspects(run: _Run) -> list[Finding]:
+    """Clients the round logic left out (NaN/Inf, suspicion) or flagged, and how detection fared against the
+    attackers of a simulated attack (docs/robustness.md)."""
+    from .server.detection import summarize
+
+    summary = summarize(run.rounds, run.fits)
+    if summary is None:
+        return []
+    named = [d for d in summary["clients"] if d["flagged"] or d["excluded"] or d["non_finite"]][:MAX_NAMED]
+    parts = []
+    for d in named:
+        what = [f"flagged in {d['flagged']}" if d["flagged"] else "",
+                f"left out for suspicion in {d['excluded']}" if d["excluded"] else "",
+                f"dropped for NaN/Inf in {d['non_finite']}" if d["non_finite"] else ""]
+        top = f", suspicion up to {d['max_suspicion']:.2f}" if d["max_suspicion"] is not None else ""
+        parts.append(f"client {d['client']} {' and '.join(w for w in what if w)} of {d['rounds']} rounds{top}"
+                     + (" (an attacker)" if d["attacked"] else ""))
+    ev = {k: summary[k] for k in ("attackers", "precision", "recall", "true_positives", "false_positives",
+                                  "false_negatives")} | {"clients": named}
+    score = ""
+    if summary["attack"]:
+        p, r = summary["precision"], summary["recall"]
+        score = (f" Against the {len(summary['attackers'])} clients that attacked: precision "
+                 f"{'-' if p is None else f'{p:.2f}'}, recall {'-' if r is None else f'{r:.2f}'}.")
+    if not parts:
+        return [Finding("suspected_clients", "info", "No client was flagged or left out." + score, ev, [])]
+    remedies = []
+    if run.cfg("server.exclude_suspicion") is None:
+        remedies.append("leave flagged updates out of the aggregate: server.exclude_suspicion = 0.6")
+    if (run.cfg("server.aggregator") or "mean") == "mean":
+        remedies.append('aggregate robustly: server.aggregator = "trimmed-mean" or "multi-krum" (docs/robustness.md)')
+    if any(d["non_finite"] for d in named):
+        remedies.append("NaN/Inf updates come from diverging local training: a lower train.lr, or clipping")
+    msg = "; ".join(parts) + "." + score
+    msg = msg[0].upper() + msg[1:]
+    return [Finding("suspected_clients", "warning", msg, ev, remedies)]
+
+
 CHECKS: tuple[Callable[[_Run], list[Finding]], ...] = (
     _check_status, _check_loss, _check_drift, _check_outliers, _check_label_skew, _check_fairness,
-    _check_personalization,
+    _check_personalization, _check_suspects,
 )

@@ -103,7 +103,7 @@ class Algorithm:
         self.cfg = cfg
         self.num_clients = num_clients
         self.server_optimizer = build_server_optimizer(cfg)
-        self.aggregator = build_aggregator(cfg.aggregator)
+        self.aggregator = build_aggregator(cfg.aggregator, cfg.aggregator_params)
 
     # ---- server half ---------------------------------------------------------------------------------
     def init_state(self, params: torch.Tensor) -> State:

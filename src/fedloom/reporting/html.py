@@ -84,6 +84,7 @@ def write_report(store: RunStore, run_id: str, out_dir: Path | None = None) -> P
         _diagnosis_section(store, rec.run_id),
         *_figures(plots, store, rec.run_id, rounds),
         _clients_section(store, rec.run_id),
+        _robustness_section(store, rec.run_id, rounds),
         "<h2>Versions</h2>", _kv_table([(k, str(v)) for k, v in sorted(rec.versions.items())]),
         "<h2>Configuration</h2>",
         "<details><summary>full configuration</summary>"
@@ -298,6 +299,35 @@ def _clients_section(store: RunStore, run_id: str) -> str:
         rows.append("<tr>" + "".join(f'<td class="num">{_e(v)}</td>' for v in cells) + "</tr>")
     parts.append(f"<table>\n<tr>{head}</tr>\n" + "\n".join(rows) + "\n</table>")
     return "\n".join(parts)
+
+
+def _robustness_section(store: RunStore, run_id: str, rounds: list[dict[str, Any]]) -> str:
+    """Attacks and detection (docs/robustness.md): who attacked, who was flagged or left out, and detection's
+    precision and recall over the run; empty for a run that recorded none of it."""
+    from ..server.detection import summarize
+
+    summary = summarize(rounds, store.client_rounds(run_id, "fit"))
+    if summary is None:
+        return ""
+    last = rounds[-1]["metrics"] if rounds else {}
+    kv = [("attack", str(last.get("attack", "none"))), ("aggregator", str(last.get("aggregator", "mean")))]
+    if summary["attack"]:
+        kv += [("attacking clients", ", ".join(map(str, summary["attackers"])) or "none"),
+               ("detection precision", _num(summary["precision"], ".2f")),
+               ("detection recall", _num(summary["recall"], ".2f"))]
+    backdoor = [r["metrics"]["backdoor_success"] for r in rounds if r["metrics"].get("backdoor_success") is not None]
+    if backdoor:
+        kv.append(("backdoor success (last evaluation)", fmt_pct(backdoor[-1])))
+    head = "".join(f"<th>{h}</th>" for h in ("client", "rounds", "flagged", "left out (suspicion)",
+                                              "dropped (NaN/Inf)", "max suspicion", "attacked in"))
+    rows = ["<tr>" + "".join(f'<td class="num">{_e(v)}</td>' for v in (
+                str(d["client"]), str(d["rounds"]), str(d["flagged"]), str(d["excluded"]), str(d["non_finite"]),
+                _num(d["max_suspicion"], ".2f"), str(d["attacked"]))) + "</tr>"
+            for d in summary["clients"][:MAX_CLIENT_ROWS]]
+    return "\n".join(["<h2>Attacks and detection</h2>", _kv_table(kv),
+                      '<p class="note">Suspicion 0..1 per client and round from its update (docs/robustness.md); '
+                      "clients most often flagged first.</p>",
+                      f"<table>\n<tr>{head}</tr>\n" + "\n".join(rows) + "\n</table>"])
 
 
 def _figures(plots: dict[str, Path], store: RunStore, run_id: str, rounds: list[dict[str, Any]]) -> list[str]:

@@ -13,8 +13,9 @@ which hides them, can refuse it before a run starts.
 from __future__ import annotations
 
 import difflib
+import inspect
 from collections.abc import Callable
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 
@@ -30,6 +31,11 @@ def example_weights(num_examples: list[int] | torch.Tensor) -> torch.Tensor:
 
 
 class Aggregator(Protocol):
+    """Optional, for aggregators that need more than the stack (robust ones, server/robust.py): a `context`
+    attribute the round logic sets before the algorithm aggregates (a `robust.RoundContext`: client ids, round,
+    server-side state checkpointed with the run, FLTrust's server update), and `check(n, where)`, which refuses
+    a number of updates below the rule's breakdown condition."""
+
     name: str
     sees_clients: bool  # needs each client's update in the clear
 
@@ -53,16 +59,34 @@ def weighted_mean(updates: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     return MeanAggregator().combine(updates, weights)
 
 
-AGGREGATORS: dict[str, Callable[[], Aggregator]] = {"mean": MeanAggregator}
+AGGREGATORS: dict[str, Callable[..., Aggregator]] = {"mean": MeanAggregator}
 
 
-def register_aggregator(name: str, factory: Callable[[], Aggregator]) -> None:
+def register_aggregator(name: str, factory: Callable[..., Aggregator]) -> None:
+    """`factory()` builds the aggregator; a factory that takes parameters is called `factory(params)` with the
+    `server.aggregator_params` dict and refuses bad ones with a ConfigError naming the key."""
     AGGREGATORS[name] = factory
 
 
-def build_aggregator(name: str) -> Aggregator:
+def build_aggregator(name: str, params: dict[str, Any] | None = None) -> Aggregator:
     if name not in AGGREGATORS:
         close = difflib.get_close_matches(name, AGGREGATORS, n=1)
         hint = f"did you mean '{close[0]}'?" if close else f"aggregators: {', '.join(AGGREGATORS)}"
         raise ConfigError(f"unknown aggregator '{name}' (server.aggregator)", hint)
-    return AGGREGATORS[name]()
+    factory = AGGREGATORS[name]
+    if inspect.signature(factory).parameters:
+        return factory(dict(params or {}))
+    if params:
+        raise ConfigError(f"server.aggregator_params.{next(iter(params))}: aggregator '{name}' takes no parameters",
+                          "remove server.aggregator_params, or choose a robust aggregator (docs/robustness.md)")
+    return factory()
+
+
+def _register_robust() -> None:
+    from .robust import ROBUST
+
+    for name, cls in ROBUST.items():
+        AGGREGATORS.setdefault(name, cls)
+
+
+_register_robust()
