@@ -38,7 +38,7 @@ from .engines import build_engine
 from .engines.base import usable_cores
 from .errors import ConfigError, FedloomError, RunError, RunInterrupted
 from .models import build_model
-from .plugins import load_plugins
+from .plugins import load_plugins, ship_by_value
 from .rng import derive_seed
 from .rounds import Callback, Federation
 from .store import RunRecord, RunStore
@@ -398,6 +398,7 @@ def _federation(cfg: ExperimentConfig, data: FederatedData, model_factory: Calla
     """The run's Federation with its engine; if the engine refuses the experiment, the engine is closed (a local
     Ray it started does not stay up) and the refusal raised."""
     engine = build_engine(cfg.run.engine, cfg)
+    ship_by_value()  # plug-ins loaded from files, to Ray's workers
     try:
         return Federation(cfg, data, model_factory, engine, store, run_id, out)
     except BaseException:

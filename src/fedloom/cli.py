@@ -170,12 +170,13 @@ def resume(
                                                "recorded rounds (when the checkpoints are gone)")] = False,
     plugin: PluginOpt = None,
     tensorboard: TensorBoardOpt = False,
+    no_report: Annotated[bool, typer.Option("--no-report", help="skip the HTML report")] = False,
     runs_dir: RunsDir = None,
 ) -> None:
     """Continue a run that was killed or stopped, from its last checkpointed round."""
     with _interruptible(f"`fedloom show {run_id}` shows what was recorded"), _Progress(quiet or as_json) as progress:
         result = api.resume(run_id, rounds=rounds, runs_dir=runs_dir, callback=progress, from_scratch=from_scratch,
-                            plugins=plugin, tensorboard=tensorboard or None)
+                            plugins=plugin, tensorboard=tensorboard or None, make_report=not no_report)
     _finish(result, as_json, quiet)
 
 
@@ -202,11 +203,12 @@ def list_runs(limit: Annotated[int, typer.Option(min=1, help="show at most this 
         out.print(f"no runs match {given} in {store.path.parent}" if given else
                   f"no runs yet in {store.path.parent}; start one with: fedloom run quickstart", highlight=False)
         return
-    rows = [[rec.run_id, rec.status, rec.algorithm, rec.dataset, rec.partition, _pct(s["final_accuracy"]),
+    rows = [[rec.run_id, rec.status, rec.algorithm, _pct(s["final_accuracy"]), rec.dataset, rec.partition,
              f"{rec.rounds_completed}/{rec.rounds_planned}", _pct(s["best_accuracy"]),
              f"{datetime.fromtimestamp(rec.created_at):%Y-%m-%d %H:%M}", f"{rec.wall_seconds:.0f}s"]
             for rec, s in zip(records, summaries, strict=True)]
-    _print_whole_ids(["run id", "status", "algorithm", "dataset", "partition", "final acc", "rounds", "best acc",
+    # the columns a narrow terminal leaves out go last: the id is never cut, then what tells runs apart
+    _print_whole_ids(["run id", "status", "algorithm", "final acc", "dataset", "partition", "rounds", "best acc",
                       "created", "wall"], rows)
 
 
