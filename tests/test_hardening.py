@@ -119,9 +119,14 @@ def _press_ctrl_c(args: list[str], runs: Path, rounds_before: int) -> tuple[str,
     env = {**os.environ, "FEDLOOM_RUNS_DIR": str(runs), "COLUMNS": "200"}
     proc = subprocess.Popen([sys.executable, "-m", "fedloom", *args, "--quiet"], env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    run_id = _wait_for_round(runs / "fedloom.db", proc, at_least=rounds_before + 1)
-    proc.send_signal(signal.SIGINT)
-    _, stderr = proc.communicate(timeout=120)
+    try:
+        run_id = _wait_for_round(runs / "fedloom.db", proc, at_least=rounds_before + 1)
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=120)
+    finally:  # a test that fails leaves no training process behind
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
     assert proc.returncode == 130, stderr
     with sqlite3.connect(runs / "fedloom.db") as c:
         status, done = c.execute("SELECT status, rounds_completed FROM runs").fetchone()

@@ -169,7 +169,11 @@ def test_killed_and_resumed_run_with_error_feedback_equals_uninterrupted(runs_di
     over = dict(pipeline__upload=["topk:0.1", "q4"], pipeline__error_feedback=True, run__rounds=4,
                 server__fraction=0.5)
     full = fedloom.run(small_config(**over), engine="sequential", make_report=False)
+    assert_resume_is_exact(runs_dir, over, full)
 
+
+def assert_resume_is_exact(runs_dir, over, full):
+    """The run of `over`, killed after round 2 and resumed, ends with exactly `full`'s model."""
     def stop_after_2(ev):
         if ev["round"] == 2:
             raise KeyboardInterrupt
@@ -192,17 +196,7 @@ def test_download_delta_sends_changes_to_holders_and_resumes_exactly(runs_dir):
     f32 = fedloom.run(small_config(run__rounds=1), engine="sequential", make_report=False)
     f32_down = RunStore(runs_dir / "fedloom.db").rounds(f32.run_id)[0]["bytes_down"]
     assert all(r["bytes_down"] < 0.3 * f32_down for r in rows)
-
-    def stop_after_2(ev):
-        if ev["round"] == 2:
-            raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        fedloom.run(small_config(**over), engine="sequential", make_report=False, callback=stop_after_2)
-    killed = RunStore(runs_dir / "fedloom.db").list_runs()[0]
-    resumed = fedloom.resume(killed.run_id, make_report=False)
-    a, b = _final_model(full), _final_model(resumed)
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert_resume_is_exact(runs_dir, over, full)
 
 
 def test_delta_of_a_model_the_client_does_not_hold_is_refused():

@@ -258,3 +258,19 @@ def test_client_error_fail_and_drop(runs_dir, monkeypatch):
     res = fedloom.run(small_config(run__on_client_error="drop"), make_report=False)
     assert res.status == "completed"
     assert all(r["metrics"]["dropped_clients"] == [1] for r in store.rounds(res.run_id))
+
+
+def test_ctrl_c_lets_the_round_in_flight_finish_and_a_second_stops_at_once():
+    import os
+    import signal
+
+    from fedloom.rounds import interrupt_between_rounds
+
+    before = signal.getsignal(signal.SIGINT)
+    with interrupt_between_rounds() as interrupted:
+        assert not interrupted()
+        os.kill(os.getpid(), signal.SIGINT)  # the first: noted, nothing raised mid-round
+        assert interrupted()
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)  # the second: now
+    assert signal.getsignal(signal.SIGINT) is before  # the caller's handler is back

@@ -78,10 +78,10 @@ class _Progress:
         if not self.quiet and ev.get("test_accuracy") is not None:
             fed = f"  clients p10 {_pct(m.get('fed_accuracy_p10'))} min {_pct(m.get('fed_accuracy_min'))}" \
                 if m.get("fed_accuracy_p10") is not None else ""
-            self.bar.console.print(
+            self.bar.console.print(  # one line however narrow the terminal: logs stay greppable
                 f"round {ev['round']:>4}/{ev['rounds']}  acc {_pct(ev['test_accuracy'])}  loss {ev['test_loss']:.4f}"
                 f"  train-loss {ev['train_loss']:.4f}{fed}{_personal(m)}  up {_fmt_bytes(ev['bytes_up'])}"
-                f"  {ev['seconds']:.1f}s")
+                f"  {ev['seconds']:.1f}s", soft_wrap=True, highlight=False)
 
     def reset(self) -> None:
         """A new bar for the next run (a sweep runs several)."""
@@ -431,6 +431,8 @@ def bench(
 def main() -> None:
     """Typer handles usage errors (exit 2, naming the option), `typer.Exit` and Ctrl-C outside a run (130);
     fedloom's own errors become one line with their exit code, anything else one line with exit 1."""
+    global out, err
+    out, err = Console(), Console(stderr=True)  # sized by the terminal (or $COLUMNS) of this invocation
     try:
         app()
     except FedloomError as e:

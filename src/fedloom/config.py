@@ -99,6 +99,14 @@ class DataConfig(_Section):
         return self
 
 
+def _registered(name: str, registry: Any, unknown: Any) -> str:
+    """`name` if the registry (built-in and registered plug-ins) has it, else the "did you mean" refusal."""
+    if name not in registry:
+        message, hint = unknown(name)
+        raise ValueError(f"{message} ({hint})")
+    return name
+
+
 class ModelConfig(_Section):
     name: str = "simple-cnn"
 
@@ -107,10 +115,7 @@ class ModelConfig(_Section):
     def _known_model(cls, v: str) -> str:
         from .models.zoo import MODELS, unknown_model
 
-        if v not in MODELS:
-            message, hint = unknown_model(v)
-            raise ValueError(f"{message} ({hint})")
-        return v
+        return _registered(v, MODELS, unknown_model)
 
 
 class TrainConfig(_Section):
@@ -162,10 +167,7 @@ class ServerConfig(_Section):
     def _known_algorithm(cls, v: str) -> str:
         from .algorithms import ALGORITHMS, unknown_algorithm
 
-        if v not in ALGORITHMS:
-            message, hint = unknown_algorithm(v)
-            raise ValueError(f"{message} ({hint})")
-        return v
+        return _registered(v, ALGORITHMS, unknown_algorithm)
 
     optimizer: Literal["sgd", "adam", "yogi", "adagrad"] = "sgd"
     aggregator: str = Field("mean", description="how updates are combined: mean (the weighted sum); "

@@ -10,8 +10,13 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+import signal
+import sys
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -166,7 +171,14 @@ class Federation:
         t_start = time.perf_counter()
         total = self.cfg.run.rounds
         self.client_store.truncate_after(start_round - 1)  # versions from a killed attempt at these rounds
+        with interrupt_between_rounds() as interrupted:
+            return self._train(start_round, total, t_start, wall_before, callback, interrupted)
+
+    def _train(self, start_round: int, total: int, t_start: float, wall_before: float, callback: Callback | None,
+               interrupted: Callable[[], bool]) -> tuple[str, str | None]:
         for r in range(start_round, total + 1):
+            if interrupted():
+                raise KeyboardInterrupt
             out = self.run_round(r)
             row = out.row
             if out.updated and (r % self.cfg.run.checkpoint_every == 0 or r == total or out.stop):
@@ -182,6 +194,8 @@ class Federation:
                 return "diverged", out.stop
             if halt is not None:
                 return "stopped", halt
+        if interrupted():
+            raise KeyboardInterrupt
         return "completed", None
 
     @staticmethod
@@ -577,6 +591,36 @@ class Federation:
         row["metrics"]["pers_clients"] = len(rows)
         _summarize_clients(row["metrics"], rows, "pers", "pers_fair")
         return rows
+
+
+@contextmanager
+def interrupt_between_rounds() -> Iterator[Callable[[], bool]]:
+    """Ctrl-C (SIGINT) lets the round in flight finish and be recorded, then stops the run; a second Ctrl-C stops
+    at once. An interrupt raised at an arbitrary point (inside a process pool's bookkeeping, say) can leave locks
+    held and a shutdown that never returns; between rounds nothing is half done. Only the main thread can own
+    signals: elsewhere Ctrl-C keeps Python's default behaviour."""
+    if threading.current_thread() is not threading.main_thread():
+        yield lambda: False
+        return
+    pressed = threading.Event()
+
+    def on_sigint(signum: int, frame: object) -> None:
+        if os.getpid() != owner:  # a worker forked during the run: the run decides when it stops
+            return
+        if pressed.is_set():  # a second Ctrl-C: stop now
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            raise KeyboardInterrupt
+        pressed.set()
+        if sys.stderr.isatty():  # someone is waiting at a terminal: say why it has not stopped yet
+            print("stopping after this round (Ctrl-C again to stop now)", file=sys.stderr, flush=True)
+
+    owner = os.getpid()
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        yield pressed.is_set
+    finally:
+        if os.getpid() == owner:
+            signal.signal(signal.SIGINT, previous)
 
 
 def _last_line(text: str) -> str:
