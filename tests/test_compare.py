@@ -141,7 +141,7 @@ def test_different_datasets_are_compared_with_a_warning(tmp_path):
 def fedloom_main(monkeypatch, capsys, *args):
     """The CLI in process (as `fedloom ARGS`): (exit code, stdout, stderr)."""
     monkeypatch.setattr(sys, "argv", ["fedloom", *args])
-    monkeypatch.setattr(cli.out, "width", 200)
+    monkeypatch.setenv("COLUMNS", "200")  # the CLI sizes its consoles when it starts
     code = 0
     try:
         cli.main()

@@ -115,9 +115,9 @@ def _finish(result: api.RunResult, as_json: bool, quiet: bool) -> None:
                       f"final accuracy {_pct(s['final_accuracy'])}, best {_pct(s['best_accuracy'])} "
                       f"(round {s['best_round']}), {_final_personal(s)}{s['wall_seconds']:.1f}s, "
                       f"up {_fmt_bytes(s['bytes_up'])}, down {_fmt_bytes(s['bytes_down'])}")
-            out.print(f"summary: {Path(s['output_dir']) / 'summary.json'}")
+            out.print(f"summary: {Path(s['output_dir']) / 'summary.json'}", soft_wrap=True, highlight=False)
         if result.report:
-            out.print(f"report: {result.report}")
+            out.print(f"report: {result.report}", soft_wrap=True, highlight=False)
     if result.status == "diverged":
         raise typer.Exit(3)
 
@@ -289,7 +289,7 @@ def report(
 ) -> None:
     """Write a self-contained HTML report (PNG plots embedded) for a run."""
     path = api.report(run_id, runs_dir=runs_dir, out_dir=output_dir, tensorboard=tensorboard)
-    out.print(f"report: {path}")
+    out.print(f"report: {path}", soft_wrap=True, highlight=False)
     if tensorboard:
         tb = path.parent / "tensorboard"
         out.print(f"tensorboard: {tb}  (view with: tensorboard --logdir {tb})")
@@ -320,7 +320,7 @@ def compare(
         table.add_row(*table_cells(record))
     out.print(table)
     out.print(LEGEND, highlight=False)
-    out.print(f"page: {result.html}")
+    out.print(f"page: {result.html}", soft_wrap=True, highlight=False)  # a path to copy: never broken
 
 
 @app.command()
@@ -425,7 +425,7 @@ def bench(
     run_bench(tasks, engines, rounds, json_path, warmup=warmup, scale=scale, scale_engine=scale_engine,
               data_dir=data_dir, threads=threads, repeat=repeat, console=out)
     if json_path:
-        out.print(f"records: {json_path}")
+        out.print(f"records: {json_path}", soft_wrap=True, highlight=False)
 
 
 def main() -> None:
