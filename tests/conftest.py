@@ -1,7 +1,11 @@
 import os
 
+import numpy as np
 import pytest
 import torch
+
+from fedloom.data.datasets import Dataset
+from fedloom.data.federated import ClientData, FederatedData
 
 # Two xdist workers share two cores: one intra-op thread each keeps them from fighting.
 torch.set_num_threads(1)
@@ -30,3 +34,18 @@ def small_config(**over) -> dict:
         section, _, field = key.partition("__")
         cfg.setdefault(section, {})[field] = value
     return cfg
+
+
+def toy_data(sizes=(30, 30, 30), f=5, c=3, seed=0, shared_test: bool = False) -> FederatedData:
+    """A separable toy task split into consecutive client slices; each client tests on its own 10 samples of
+    the test split, or all on the same first 10 (`shared_test`)."""
+    n = sum(sizes)
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, f, generator=g)
+    y = (x[:, 0] > 0).long() + (x[:, 1] > 0.5).long()
+    ds = Dataset("toy", x, y, x[:30].clone(), y[:30].clone(), num_classes=c)
+    bounds = np.cumsum((0, *sizes))
+    clients = [ClientData(i, np.arange(bounds[i], bounds[i + 1]),
+                          np.arange(0, 10) if shared_test else np.arange(i * 10, i * 10 + 10))
+               for i in range(len(sizes))]
+    return FederatedData(ds, clients, "toy")

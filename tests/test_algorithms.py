@@ -25,19 +25,11 @@ from fedloom.rounds import Federation
 from fedloom.server.optimizers import ServerAdaptive, ServerSGD, masked_step
 from fedloom.store import RunStore
 
-from .conftest import small_config
+from .conftest import small_config, toy_data
 
 
 def _data(sizes=(30, 30, 30), f=5, c=3, seed=0) -> FederatedData:
-    n = sum(sizes)
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, f, generator=g)
-    y = (x[:, 0] > 0).long() + (x[:, 1] > 0.5).long()
-    ds = Dataset("toy", x, y, x[:30].clone(), y[:30].clone(), num_classes=c)
-    bounds = np.cumsum((0, *sizes))
-    clients = [ClientData(i, np.arange(bounds[i], bounds[i + 1]), np.arange(i * 10, i * 10 + 10))
-               for i in range(len(sizes))]
-    return FederatedData(ds, clients, "toy")
+    return toy_data(sizes, f, c, seed)
 
 
 def _net(bn: bool = False):

@@ -11,8 +11,7 @@ import pytest
 import torch
 
 from fedloom.config import load_config
-from fedloom.data.datasets import Dataset
-from fedloom.data.federated import ClientData, FederatedData
+from fedloom.data.federated import FederatedData
 from fedloom.engines import build_engine
 from fedloom.errors import ConfigError, RunError
 from fedloom.rounds import Federation
@@ -21,7 +20,7 @@ from fedloom.server.detection import FLAG, Detector, precision_recall
 from fedloom.server.robust import RoundContext, cap_shares, foolsgold_weights
 from fedloom.store import RunStore
 
-from .conftest import small_config
+from .conftest import small_config, toy_data
 
 # ---- numpy references, written from the papers ----------------------------------------------------------
 
@@ -410,14 +409,7 @@ def _cfg(num_clients: int, **server) -> dict:
 
 
 def _toy(sizes=(30, 30, 30, 30), f=5, c=3, seed=0) -> FederatedData:
-    n = sum(sizes)
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, f, generator=g)
-    y = (x[:, 0] > 0).long() + (x[:, 1] > 0.5).long()
-    ds = Dataset("toy", x, y, x[:30].clone(), y[:30].clone(), num_classes=c)
-    bounds = np.cumsum((0, *sizes))
-    clients = [ClientData(i, np.arange(bounds[i], bounds[i + 1]), np.arange(0, 10)) for i in range(len(sizes))]
-    return FederatedData(ds, clients, "toy")
+    return toy_data(sizes, f, c, seed, shared_test=True)
 
 
 def _net():
