@@ -461,3 +461,25 @@ def test_examples_run(tmp_path, example):
     assert r.returncode == 0, r.stderr
     assert "completed after 1 rounds, test accuracy" in r.stdout
 
+
+
+@pytest.mark.parametrize(("example", "settings"), [
+    ("custom_data.py", ["data.dataset=hospitals", "data.partition=natural", "data.num_clients=5",
+                        "data.options={sites = 5}", "model.name=logreg", "train.lr=0.1"]),
+    ("custom_model.py", ["data.dataset=digits", "data.num_clients=4", "model.name=digits-cnn", "train.lr=0.05"]),
+])
+def test_examples_as_plugins_through_the_cli(tmp_path, example, settings):
+    """The example files register their dataset / model when loaded with --plugin; `fedloom run` then uses them
+    by name and records the run under those names."""
+    sets = [a for s in settings for a in ("--set", s)]
+    plugin = str(ROOT / "examples" / example)
+    r = subprocess.run([sys.executable, "-m", "fedloom", "run", "quickstart", "--plugin", plugin, *sets,
+                        "--rounds", "1", "--no-report", "--json", "--quiet", "--engine", "sequential"],
+                       capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                       env={**os.environ, "FEDLOOM_RUNS_DIR": str(tmp_path / "runs"), "COLUMNS": "200"})
+    assert r.returncode == 0, r.stderr
+    summary = json.loads(r.stdout)
+    assert summary["status"] == "completed" and summary["rounds_completed"] == 1
+    config = json.loads((Path(summary["output_dir"]) / "config.json").read_text())
+    assert config["data"]["dataset"] == settings[0].split("=")[1]
+    assert config["model"]["name"] == next(s for s in settings if s.startswith("model.name")).split("=")[1]
