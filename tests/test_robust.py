@@ -436,3 +436,18 @@ def _honest_updates(fed: Federation, round_: int) -> list[torch.Tensor]:
     sent = fed._encode_broadcast(round_, start)
     return [fed.runtime.run(ClientTask(round_, c.id, fed.cfg.train.lr, fed.cfg.run.seed, sent)).message.vector
             for c in fed.data.clients]
+
+
+def test_fltrust_root_update_takes_as_many_steps_as_an_average_client():
+    """Every client update is rescaled to the root update's norm: a root update of fewer steps (one epoch of a
+    100-example root set) would shrink every round's step. Found as FLTrust staying at chance on Fashion-MNIST."""
+    from fedloom.algorithms import build_algorithm
+    from fedloom.client.work import ClientRuntime
+    from fedloom.server.robust import RootTrainer
+
+    data = _toy(sizes=(40, 64, 100, 30))
+    cfg = load_config({"train": {"batch_size": 8, "local_epochs": 2}, "server": {"aggregator": "fltrust"}})
+    rt = ClientRuntime(lambda: torch.nn.Linear(5, 3), data, cfg.train, build_algorithm(cfg.server, 4))
+    root = RootTrainer(rt, size=10, seed=0)
+    per_client = [2 * math.ceil(n / 8) for n in (40, 64, 100, 30)]  # 10, 16, 26, 8 steps
+    assert root.steps == math.ceil(sum(per_client) / 4) == 15

@@ -470,14 +470,25 @@ def cap_shares(counts: list[float], cap: float) -> list[float]:
 
 class RootTrainer:
     """The server's own update for FLTrust: local training, as a client does it, from the global model on a
-    root set of `size` training examples drawn once from the whole training set (seeded)."""
+    root set of `size` training examples drawn once from the whole training set (seeded).
+
+    It takes as many local steps as an average client does (the paper uses the same local iterations on the
+    server as on the clients): one epoch over a 100-example root set is a tenth of a client's steps, and since
+    every client update is rescaled to the server update's norm, the model would then barely move."""
 
     def __init__(self, runtime: Any, size: int, seed: int):
+        import math
+
+        from ..client.trainer import step_count
         from ..rng import numpy_rng
 
         n = len(runtime.data.dataset.y_train)
         self.runtime, self.seed = runtime, seed
         self.idx = numpy_rng(seed, "fltrust-root").choice(n, min(size, n), replace=False)
+        t = runtime.train
+        sizes = [len(c.train_idx) for c in runtime.data.clients if len(c.train_idx) > 0] or [len(self.idx)]
+        self.steps = max(1, math.ceil(sum(step_count(k, t.batch_size, t.local_epochs, t.local_steps)
+                                          for k in sizes) / len(sizes)))
 
     def __call__(self, round_: int, lr: float, params: torch.Tensor) -> torch.Tensor:
         from ..client.trainer import local_train
@@ -486,6 +497,7 @@ class RootTrainer:
 
         rt = self.runtime
         load_vector(rt.model, rt.spec, params)
-        local_train(rt.model, rt.data.dataset, self.idx, rt.train, lr, torch_rng(self.seed, "fltrust", round_))
+        local_train(rt.model, rt.data.dataset, self.idx, rt.train, lr, torch_rng(self.seed, "fltrust", round_),
+                    steps=self.steps)
         delta = model_vector(rt.model, rt.spec) - params
         return delta if rt.shared is None else delta[rt.shared]
