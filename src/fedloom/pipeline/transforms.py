@@ -117,7 +117,7 @@ class ClientPipeline:
     @property
     def identity(self) -> bool:
         """Nothing to do: the update travels as plain f32 and no stage keeps state."""
-        return not self.transforms and self.codec.lossless and self.codec.spec == "f32" and not self.error_feedback
+        return not self.transforms and self.codec.spec == "f32" and not self.error_feedback
 
     def describe(self) -> dict[str, Any]:
         return {"client_transforms": [t.name for t in self.transforms], "upload_codec": self.codec.spec,
